@@ -1,0 +1,264 @@
+"""The calibration engine: layer-by-layer forward passes every method stands on.
+
+The engine owns the loop and the hooks; methods only say what they want observed and what to
+change.  Protocol (see :class:`Method`)::
+
+    engine = CalibrationEngine(model, spec, batches, device=...)
+    engine.run(method)
+        method.begin(engine)            # e.g. rotate embeddings, map engine.inputs
+        for each decoder layer i:
+            step = LayerStep(...)       # the layer is on the device, its inputs are known
+            method.process_layer(step)  # step.forward(...) any number of times, modify the layer
+            step.finish()               # outputs of the (modified) layer become layer i+1's inputs
+        method.end(engine)              # e.g. rotate the head
+
+Only one layer is on the compute device at a time; activations live on ``offload_device``
+between layers, one tensor per calibration batch.  The arguments transformers passes to decoder
+layers (masks, rotary position embeddings, cache flags) are recorded per layer by running the
+decoder once with every layer replaced by a recording identity module — no model's forward code
+is copied and nothing is stopped by raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicekit.arch import ArchSpec
+
+# A capture point: "<module path relative to the layer>:input" or ":output"; "" is the layer itself.
+Point = str
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer while the decoder runs once: records what it is called with."""
+
+    def __init__(self, index: int, sink: list, keep_hidden: bool, offload: Callable) -> None:
+        super().__init__()
+        self.index, self.sink, self.keep_hidden, self.offload = index, sink, keep_hidden, offload
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink.append((self.index, self.offload(hidden_states) if self.keep_hidden else None,
+                          self.offload(args), self.offload(kwargs)))
+        return hidden_states
+
+
+class Gram:
+    """Running float64 ``XᵀX`` over tokens (rows of the flattened activation) with its count."""
+
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        g = x.T @ x
+        self.matrix = g if self.matrix is None else self.matrix + g
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """``XᵀX / n`` (the uncentred covariance)."""
+        assert self.matrix is not None, "nothing was accumulated"
+        return self.matrix / self.count
+
+
+@dataclass
+class Observations:
+    """What one pass over the calibration batches observed."""
+
+    grams: dict[Point, Gram] = field(default_factory=dict)
+    outputs: list[torch.Tensor] | None = None  # layer outputs per batch (offloaded), if kept
+
+
+class Method(Protocol):
+    def begin(self, engine: CalibrationEngine) -> None: ...
+    def process_layer(self, step: LayerStep) -> None: ...
+    def end(self, engine: CalibrationEngine) -> None: ...
+
+
+class LayerStep:
+    """One decoder layer during calibration: its inputs, and passes over them with hooks."""
+
+    def __init__(self, engine: CalibrationEngine, index: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.layer: nn.Module = engine.layers[index]
+        self._next_inputs: list[torch.Tensor] | None = None
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return self.engine.inputs
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def forward(self, grams: Iterable[Point] = (), keep_outputs: bool = False,
+                observers: dict[Point, Callable[[int, torch.Tensor], None]] | None = None,
+                inputs: Sequence[torch.Tensor] | None = None) -> Observations:
+        """Run the layer on every calibration batch.
+
+        ``grams``: capture points whose float64 Gram matrices to accumulate.
+        ``observers``: capture point → ``fn(batch_index, tensor)`` for anything else.
+        ``keep_outputs``: keep the layer outputs (offloaded) in the result.
+        ``inputs``: run on these instead of the current layer inputs.
+        """
+        obs = Observations(grams={p: Gram() for p in grams}, outputs=[] if keep_outputs else None)
+        observers = dict(observers or {})
+        batch_index = [0]
+        callbacks: dict[Point, list[Callable[[torch.Tensor], None]]] = {}
+        for p, g in obs.grams.items():
+            callbacks.setdefault(p, []).append(g.add)
+        for p, fn in observers.items():
+            callbacks.setdefault(p, []).append(lambda t, fn=fn: fn(batch_index[0], t))
+        src = self.inputs if inputs is None else inputs
+        with self.engine.hooks(self.layer, callbacks), torch.no_grad():
+            for b, hidden in enumerate(src):
+                batch_index[0] = b
+                out = self.engine.run_layer(self.index, b, hidden)
+                if keep_outputs:
+                    obs.outputs.append(self.engine.offload(out))
+        return obs
+
+    def set_next_inputs(self, tensors: list[torch.Tensor]) -> None:
+        """Give the next layer's inputs directly (a method that already has them saves a pass)."""
+        if len(tensors) != len(self.inputs):
+            raise ValueError("one tensor per calibration batch is required")
+        self._next_inputs = [self.engine.offload(t) for t in tensors]
+
+    def finish(self) -> None:
+        if self._next_inputs is None:
+            self._next_inputs = self.forward(keep_outputs=True).outputs
+        self.engine.inputs = self._next_inputs
+
+
+class CalibrationEngine:
+    """Runs a model's decoder layers one at a time over fixed calibration batches."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, batches: Sequence[torch.Tensor],
+                 device: str | torch.device | None = None, offload_device: str | torch.device = "cpu",
+                 progress: bool = True) -> None:
+        if not batches:
+            raise ValueError("calibration needs at least one batch")
+        self.model = model
+        self.spec = spec
+        self.layers: nn.ModuleList = spec.layer_list(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.offload_device = torch.device(offload_device)
+        self.progress = progress
+        self.batches = list(batches)
+        self.inputs: list[torch.Tensor] = []
+        self.layer_args: list[list[tuple[tuple, dict]]] = []  # [layer][batch] -> (args, kwargs)
+        self._record_layer_inputs()
+
+    # ---------------------------------------------------------------- plumbing
+    def offload(self, obj: Any) -> Any:
+        return _map_tensors(obj, lambda t: t.detach().to(self.offload_device))
+
+    def to_device(self, obj: Any) -> Any:
+        return _map_tensors(obj, lambda t: t.to(self.device))
+
+    @contextmanager
+    def hooks(self, layer: nn.Module, callbacks: dict[Point, list[Callable[[torch.Tensor], None]]]):
+        """Register forward hooks for the capture points; always removed afterwards."""
+        handles = []
+        try:
+            for point, fns in callbacks.items():
+                path, _, where = point.rpartition(":")
+                if where not in ("input", "output"):
+                    raise ValueError(f"capture point {point!r} must end in ':input' or ':output'")
+                module = layer.get_submodule(path) if path else layer
+
+                def hook(_mod, args, output, fns=fns, where=where):
+                    t = args[0] if where == "input" else (output[0] if isinstance(output, tuple) else output)
+                    for fn in fns:
+                        fn(t)
+
+                handles.append(module.register_forward_hook(hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _decoder(self) -> nn.Module:
+        parent = self.spec.layers.rpartition(".")[0]
+        return self.model.get_submodule(parent)
+
+    def _record_layer_inputs(self) -> None:
+        """Run the decoder once per batch with recording stand-ins for every layer."""
+        sink: list = []
+        decoder = self._decoder()
+        parent_path, _, attr = self.spec.layers.rpartition(".")
+        original = self.layers
+        n = len(original)
+        recorders = nn.ModuleList(_Recorder(i, sink, i == 0, self.offload) for i in range(n))
+        self.layer_args = [[] for _ in range(n)]
+        # Only the embeddings and the decoder's own preprocessing run: move the non-layer modules.
+        setattr(self.model.get_submodule(parent_path), attr, recorders)
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    sink.clear()
+                    decoder(input_ids=batch.to(self.device), use_cache=False)
+                    for i, hidden, args, kwargs in sink:
+                        if hidden is not None:
+                            self.inputs.append(hidden)
+                        self.layer_args[i].append((args, kwargs))
+        finally:
+            setattr(self.model.get_submodule(parent_path), attr, original)
+        self.layers = original
+
+    def run_layer(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.layer_args[index][batch]
+        out = self.layers[index](hidden.to(self.device), *self.to_device(args), **self.to_device(kwargs))
+        return out[0] if isinstance(out, tuple) else out
+
+    def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Transform the current layer inputs in place (e.g. rotate them after the embeddings were)."""
+        self.inputs = [self.offload(fn(x.to(self.device))) for x in self.inputs]
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, method: Method, desc: str = "layers") -> None:
+        layer_device = {}
+        method.begin(self)
+        for i in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress, leave=False):
+            layer = self.layers[i]
+            layer_device[i] = next(layer.parameters()).device
+            layer.to(self.device)
+            step = LayerStep(self, i)
+            method.process_layer(step)
+            step.finish()
+            self.layers[i].to(layer_device[i])
+        method.end(self)
+
+    def observe(self, grams: Iterable[Point] = (), observers: dict | None = None, desc: str = "observe"):
+        """Walk all layers without changing them, yielding ``(index, Observations, inputs)``
+        per layer (outputs kept) — for statistics such as layer-importance scores."""
+        for i in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress, leave=False):
+            layer = self.layers[i]
+            dev = next(layer.parameters()).device
+            layer.to(self.device)
+            step = LayerStep(self, i)
+            obs = step.forward(grams=grams, keep_outputs=True, observers=observers)
+            yield i, obs, self.inputs
+            step.set_next_inputs(obs.outputs)
+            step.finish()
+            layer.to(dev)

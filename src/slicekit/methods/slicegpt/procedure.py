@@ -1,0 +1,169 @@
+"""SliceGPT's rotate-and-slice, as a calibration-engine method.
+
+Sequential calibration as in the reference: the rotation of each interface is computed on
+activations that already carry the slicing of every earlier interface.  One procedure serves
+sequential blocks (two rotations per layer: before attention and before the MLP) and parallel
+blocks (one rotation per layer); the only difference is whether a mid-layer interface exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
+from slicekit.calibration import CalibrationEngine, Gram, LayerStep
+from slicekit.invariance import make_invariant
+from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer, shortcut
+from slicekit.methods import CompressionContext, CompressionResult
+from slicekit.methods.slicegpt.config import SliceGPTConfig
+from slicekit.modeling_slicekit import ResidualBlock, UnitRMSNorm
+from slicekit.schedules import constant, widths_from_fractions
+from slicekit.shape import describe
+
+
+@dataclass
+class WidthPlan:
+    """Residual width at every interface: layer ``l`` reads ``attn_in[l]`` (and, in sequential
+    blocks, its MLP reads ``mlp_in[l]``); the head reads ``head_in``."""
+
+    attn_in: list[int]
+    mlp_in: list[int]
+    head_in: int
+
+    def out_width(self, layer: int) -> int:
+        return self.attn_in[layer + 1] if layer + 1 < len(self.attn_in) else self.head_in
+
+
+def plan_widths(config: SliceGPTConfig, spec: ArchSpec, hidden: int, n_layers: int,
+                fractions: list[float] | None = None) -> WidthPlan:
+    fractions = fractions if fractions is not None else constant(config.sparsity, n_layers)
+    widths = widths_from_fractions(hidden, fractions, config.round_to)
+    head = widths[-1] if config.slice_head else hidden
+    if spec.head_width_is_embedding_width:
+        head = widths[0]
+    return WidthPlan(attn_in=list(widths), mlp_in=list(widths), head_in=head)
+
+
+def _rotate_readers(layer: nn.Module, names, q: torch.Tensor, width: int) -> None:
+    for name in names:
+        lin = layer.get_submodule(name)
+        set_linear(lin, rotate_reader(linear_weight(lin), q, width))
+
+
+def _rotate_writer(lin: nn.Module, q: torch.Tensor, width: int) -> None:
+    w, b = rotate_writer(linear_weight(lin), linear_bias(lin), q, width)
+    set_linear(lin, w, b)
+
+
+def _set_norm(layer: nn.Module, name: str | None, width: int, norm_dim: int) -> None:
+    if name is not None:
+        old = layer.get_submodule(name)
+        setattr(layer, name, UnitRMSNorm(width, norm_dim, old.eps))
+
+
+def _set_shortcut(block: ResidualBlock, key: str, mat: torch.Tensor | None) -> None:
+    ref = next(block.parameters())
+    setattr(block, key, None if mat is None else nn.Parameter(mat.to(ref.dtype).to(ref.device).contiguous(),
+                                                              requires_grad=False))
+
+
+def _project(outputs: list[torch.Tensor], q: torch.Tensor, width: int) -> list[torch.Tensor]:
+    qd = q[:, :width]
+    return [(o.double() @ qd.to(o.device)).to(o.dtype) for o in outputs]
+
+
+class RotateAndSlice:
+    """The engine method. ``Q``/``width`` track the basis of the stream entering the next layer."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, plan: WidthPlan, damping: float) -> None:
+        self.model, self.spec, self.plan, self.damping = model, spec, plan, damping
+        self.hidden = model.config.hidden_size
+        self.q: torch.Tensor | None = None
+        self.width = self.hidden
+        self.eigenvalues: list[list[float]] = []
+
+    def _pca(self, gram: Gram) -> torch.Tensor:
+        vals, vecs = pca_from_gram(gram.matrix, self.damping)
+        self.eigenvalues.append((vals / gram.count).tolist())
+        return vecs
+
+    def begin(self, engine: CalibrationEngine) -> None:
+        gram = Gram()
+        for x in engine.inputs:
+            gram.add(x.to(engine.device))
+        q = self._pca(gram)
+        d0 = self.plan.attn_in[0]
+        for emb in self.spec.embeddings(self.model):
+            new = (emb.weight.data.double() @ q[:, :d0].to(emb.weight.device)).to(emb.weight.dtype)
+            emb.weight = nn.Parameter(new.contiguous(), requires_grad=emb.weight.requires_grad)
+            emb.embedding_dim = d0
+        engine.map_inputs(lambda x: (x.double() @ q[:, :d0].to(x.device)).to(x.dtype))
+        self.q, self.width = q, d0
+
+    def process_layer(self, step: LayerStep) -> None:
+        layer, b, i, hidden = step.layer, self.spec.block, step.index, self.hidden
+        q_in, d_in = self.q.to(step.device), self.width
+        d_out = self.plan.out_width(i)
+        readers = b.attn_readers + (b.mlp_readers if b.parallel else ())
+        _rotate_readers(layer, readers, q_in, d_in)
+        _set_norm(layer, b.attn_norm, d_in, hidden)
+        if b.parallel:
+            _set_norm(layer, b.mlp_norm, d_in, hidden)
+        # Until this layer's output rotation is known, the residual maps back to the original basis.
+        _set_shortcut(layer, "attn_shortcut", q_in[:, :d_in].T)
+        if not b.parallel:
+            obs = step.forward(grams=[f"{b.mlp_norm}:input"])
+            q_mid = self._pca(obs.grams[f"{b.mlp_norm}:input"])
+            d_mid = self.plan.mlp_in[i]
+            _rotate_writer(layer.get_submodule(b.attn_writer), q_mid, d_mid)
+            _set_shortcut(layer, "attn_shortcut", shortcut(q_in, d_in, q_mid, d_mid))
+            _rotate_readers(layer, b.mlp_readers, q_mid, d_mid)
+            _set_norm(layer, b.mlp_norm, d_mid, hidden)
+            _set_shortcut(layer, "mlp_shortcut", q_mid[:, :d_mid].T)
+        obs = step.forward(grams=[":output"], keep_outputs=True)
+        q_out = self._pca(obs.grams[":output"])
+        if b.parallel:
+            for name in (b.attn_writer, b.mlp_writer):
+                _rotate_writer(layer.get_submodule(name), q_out, d_out)
+            _set_shortcut(layer, "attn_shortcut", shortcut(q_in, d_in, q_out, d_out))
+        else:
+            _rotate_writer(layer.get_submodule(b.mlp_writer), q_out, d_out)
+            _set_shortcut(layer, "mlp_shortcut", shortcut(q_mid, d_mid, q_out, d_out))
+        step.set_next_inputs(_project(obs.outputs, q_out, d_out))
+        self.q, self.width = q_out.cpu(), d_out
+
+    def end(self, engine: CalibrationEngine) -> None:
+        head = self.model.get_submodule(self.spec.head)
+        set_linear(head, rotate_reader(linear_weight(head), self.q.to(head.weight.device), self.width))
+        parent, _, name = self.spec.final_norm.rpartition(".")
+        old = self.model.get_submodule(self.spec.final_norm)
+        setattr(self.model.get_submodule(parent), name, UnitRMSNorm(self.width, self.hidden, old.eps))
+
+
+@torch.no_grad()
+def compress(model: nn.Module, calibration: list[torch.Tensor], config: SliceGPTConfig,
+             ctx: CompressionContext | None = None, fractions: list[float] | None = None) -> CompressionResult:
+    """Make ``model`` invariant, then rotate and slice it in place.
+
+    ``calibration``: token-id batches.  ``fractions``: per-layer slice fractions from a width
+    schedule (default: constant ``config.sparsity``).
+    """
+    ctx = ctx or CompressionContext()
+    spec = get_arch(model.config)
+    make_invariant(model, spec)
+    n_layers = len(spec.layer_list(model))
+    plan = plan_widths(config, spec, model.config.hidden_size, n_layers, fractions)
+    engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
+    method = RotateAndSlice(model, spec, plan, config.damping)
+    engine.run(method, desc="slicegpt")
+    summary = {
+        "method": "slicegpt",
+        "hidden_size": model.config.hidden_size,
+        "attn_in_widths": plan.attn_in,
+        "mlp_in_widths": plan.mlp_in,
+        "head_in_width": plan.head_in,
+    }
+    return CompressionResult(describe(model), summary)

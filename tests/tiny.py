@@ -1,0 +1,59 @@
+"""Tiny randomly initialised models of every supported architecture, for exactness tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 128
+
+# model_type -> config overrides; hidden 64 keeps everything fast, odd-ish sizes catch shape bugs.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
+    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, sliding_window=16),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
+    "opt": dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, rotary_pct=0.5, use_parallel_residual=True),
+    "gpt_neox_seq": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, rotary_pct=0.5, use_parallel_residual=False),
+    "phi": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, partial_rotary_factor=0.5),
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=96),
+}
+
+ARCHS = list(TINY_CONFIGS)
+
+
+def tiny_config(name: str):
+    model_type = "gpt_neox" if name == "gpt_neox_seq" else name
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **TINY_CONFIGS[name])
+
+
+def tiny_model(name: str, seed: int = 0):
+    """A random model whose norms have non-trivial scales and biases (so folding is tested)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), attn_implementation="eager")
+    with torch.no_grad():
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                if getattr(mod, "weight", None) is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.normal_(0, 0.1)
+            elif hasattr(mod, "bias") and isinstance(getattr(mod, "bias"), torch.nn.Parameter):
+                mod.bias.normal_(0, 0.02)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def tiny_inputs(batch: int = 2, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seqlen), generator=g)
