@@ -226,23 +226,58 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def sample_calibration(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int = 42) -> CalibrationSet:
-    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets of the joined text.
+def sample_calibration(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int = 42,
+                       strategy: str = "documents") -> CalibrationSet:
+    """``nsamples`` sequences of exactly ``seqlen`` tokens, drawn reproducibly from ``seed``.
 
-    Refuses to run when the text is too short: fewer tokens than one window, or so few that on
-    average a token would appear in more than four samples (``tokens < nsamples·seqlen/4``) —
-    at that point the "calibration set" is mostly repeats and PCA statistics are meaningless.
+    ``strategy="documents"`` (default, the SliceGPT reference's scheme): draw a random position
+    in the list of not-yet-used non-empty rows, concatenate rows from there (joined by a blank
+    line) until ``seqlen`` tokens are reached, remove the used rows, repeat; a run that reaches
+    the end of the list short of ``seqlen`` tokens is discarded.  Samples therefore start at row
+    boundaries and never reuse text.  ``strategy="windows"``: random offsets in the joined token
+    stream (GPTQ style; windows may overlap).
+
+    Refuses to run on too little text: ``documents`` when it cannot build ``nsamples`` samples
+    without reusing text; ``windows`` when the text has fewer than ``seqlen + 1`` tokens or so
+    few that a token would appear in more than four samples on average.
     """
     if nsamples < 1 or seqlen < 2:
         raise SlicekitError(f"calibration needs nsamples ≥ 1 and seqlen ≥ 2 (got {nsamples} × {seqlen})")
-    ids = tokenize_text(tokenizer, source.joined())
-    need = max(seqlen + 1, math.ceil(nsamples * seqlen / 4))
-    if ids.numel() < need:
-        raise SlicekitError(
-            f"too little calibration text: {source.description} has {ids.numel()} tokens, "
-            f"{nsamples} samples × {seqlen} tokens need at least {need}"
-        )
+    if strategy == "windows":
+        ids = tokenize_text(tokenizer, source.joined())
+        need = max(seqlen + 1, math.ceil(nsamples * seqlen / 4))
+        if ids.numel() < need:
+            raise SlicekitError(
+                f"too little calibration text: {source.description} has {ids.numel()} tokens, "
+                f"{nsamples} samples × {seqlen} tokens need at least {need}"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+        windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    elif strategy == "documents":
+        windows = _document_samples(tokenizer, [r for r in source.rows if r], nsamples, seqlen, seed, source.description)
+    else:
+        raise SlicekitError(f"unknown calibration sampling strategy {strategy!r} (documents, windows)")
+    return CalibrationSet(windows, f"{nsamples} × {seqlen} tokens from {source.description}, seed {seed}, {strategy}")
+
+
+def _document_samples(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int, desc: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
-    return CalibrationSet(windows, f"{nsamples} × {seqlen} tokens from {source.description}, seed {seed}")
+    remaining = list(range(len(rows)))
+    samples: list[list[int]] = []
+    while len(samples) < nsamples and remaining:
+        start = int(torch.randint(0, len(remaining), (1,), generator=gen).item())
+        idx, ids = start, []
+        while len(ids) < seqlen and idx < len(remaining):
+            sep = "\n\n" if ids else ""
+            ids += tokenizer(sep + rows[remaining[idx]], add_special_tokens=False).input_ids
+            idx += 1
+        remaining = remaining[:start] + remaining[idx:]
+        if len(ids) >= seqlen:
+            samples.append(ids[:seqlen])
+    if len(samples) < nsamples:
+        raise SlicekitError(
+            f"too little calibration text: {desc} yields only {len(samples)} samples of {seqlen} tokens "
+            f"without reusing text, {nsamples} requested"
+        )
+    return torch.tensor(samples, dtype=torch.long)

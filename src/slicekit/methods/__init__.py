@@ -65,14 +65,16 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-_BUILTIN = ("slicekit.methods.slicegpt",)
+_BUILTIN = ("slicekit.methods.slicegpt", "slicekit.methods.modegpt", "slicekit.methods.fasp")
 
 
 def _load_builtin() -> None:
     import importlib
+    import importlib.util
 
     for mod in _BUILTIN:
-        importlib.import_module(mod)
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

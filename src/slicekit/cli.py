@@ -1,0 +1,255 @@
+"""The ``slicekit`` command line.
+
+Every user error (bad model, data, ratio, file) ends in one line on stderr and exit code 2 — never
+a traceback.  ``--json`` prints exactly one JSON object on stdout; human output and progress bars
+go to stderr, so ``--json`` output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from slicekit.errors import SlicekitError
+
+
+def _out(obj: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(human)
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, local directory, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float16, bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _method_option_fields() -> dict[str, dataclasses.Field]:
+    """Options generated from every registered method's config dataclass (one-to-one)."""
+    from slicekit.methods import METHODS, _load_builtin
+
+    _load_builtin()
+    fields: dict[str, dataclasses.Field] = {}
+    for entry in METHODS.values():
+        for f in dataclasses.fields(entry.config_cls):
+            fields.setdefault(f.name, f)
+    return fields
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One ``--option`` per config field; the type comes from the dataclass annotation."""
+    for name, f in _method_option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        base = ann.replace(" | None", "").strip()
+        if base == "bool":
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"method option {name} (default {f.default})")
+        else:
+            conv = {"float": float, "int": int}.get(base, str)
+            p.add_argument(flag, dest=name, type=conv, default=None, help=f"method option {name} (default {f.default})")
+
+
+def _build_method_config(method: str, args: argparse.Namespace) -> Any:
+    from slicekit.methods import get_method
+
+    entry = get_method(method)
+    own = {f.name for f in dataclasses.fields(entry.config_cls)}
+    given = {n: getattr(args, n) for n in _method_option_fields() if getattr(args, n, None) is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        raise SlicekitError(f"option(s) {', '.join('--' + f.replace('_', '-') for f in foreign)} do not apply to method {method}")
+    try:
+        return entry.config_cls(**given)
+    except TypeError as err:
+        raise SlicekitError(f"invalid settings for {method}: {err}") from err
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from slicekit.arch import attention_info, get_arch, mlp_width
+    from slicekit.models import count_parameters, load_model
+
+    model, _ = load_model(args.model, args.dtype, args.device)
+    cfg = model.config
+    base = cfg
+    spec = get_arch(base)
+    att = attention_info(base)
+    info = {
+        "model": args.model, "model_type": base.model_type, "architecture": type(model).__name__,
+        "layers": len(spec.layer_list(model)), "hidden_size": base.hidden_size,
+        "intermediate_size": mlp_width(base), "num_heads": att.num_heads, "num_kv_heads": att.num_kv_heads,
+        "head_dim": att.head_dim, "rotary_dim": att.rotary_dim, "parallel_residual": spec.block.parallel,
+        "norm": spec.norm_kind, "vocab_size": base.vocab_size,
+        "tied_embeddings": bool(getattr(base, "tie_word_embeddings", False)),
+        "params": count_parameters(model, spec),
+        "compressed": getattr(model, "slicekit", None) is not None,
+    }
+    lines = [f"{k:>20}: {v}" for k, v in info.items() if k != "params"]
+    lines += [f"{'params ' + k:>20}: {v:,}" for k, v in info["params"].items()]
+    _out(info, args.json, "\n".join(lines))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slicekit.data import load_text
+    from slicekit.evaluate import perplexity
+    from slicekit.models import load_model
+
+    source = load_text(args.dataset, args.split, purpose="eval")
+    model, tok = load_model(args.model, args.dtype, args.device)
+    res = perplexity(model, tok, source, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
+    d = res.as_dict()
+    _out(d, args.json, f"perplexity {res.ppl:.4f} on {res.dataset}: {res.windows} windows × {res.seqlen} tokens "
+                       f"({res.tokens} tokens scored)")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from slicekit.checkpoint import save
+    from slicekit.data import load_text
+    from slicekit.evaluate import perplexity
+    from slicekit.models import load_model
+    from slicekit.pipeline import CalibrationRequest, compress
+
+    config = _build_method_config(args.method, args)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SlicekitError(f"--out {args.out} exists and is not a directory")
+    cal = CalibrationRequest(args.cal_dataset, args.cal_split, args.cal_nsamples, args.cal_seqlen,
+                             args.cal_batch_size, args.seed, args.cal_strategy)
+    eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
+    model, tok = load_model(args.model, args.dtype, args.device)
+    ppl_rows = []
+    if eval_source is not None:
+        r = perplexity(model, tok, eval_source, args.eval_seqlen, args.eval_max_windows, args.eval_batch_size,
+                       progress=not args.quiet)
+        ppl_rows.append({"model": "original", **r.as_dict()})
+    report = compress(model, tok, args.method, config, cal, device=args.device, progress=not args.quiet)
+    if eval_source is not None:
+        r = perplexity(model, tok, eval_source, args.eval_seqlen, args.eval_max_windows, args.eval_batch_size,
+                       progress=not args.quiet)
+        ppl_rows.append({"model": "compressed", **r.as_dict()})
+    out = report.as_dict()
+    out["model"] = args.model
+    out["perplexity"] = ppl_rows
+    if args.out:
+        info = {"title": f"{os.path.basename(os.path.abspath(args.out))}", "method": args.method,
+                "base_model": args.model, "settings": report.settings, "calibration": report.calibration,
+                "compression_seconds": report.measurement.seconds,
+                "params": {"original": report.params_original, "compressed": report.params_compressed},
+                "perplexity": ppl_rows, "widths": report.result.summary}
+        out["format"] = save(model, tok, args.out, shape=report.result.shape, info=info)
+        out["out"] = os.path.abspath(args.out)
+    po, pc = report.params_original, report.params_compressed
+    lines = [f"method {args.method}: {json.dumps(report.settings)}", f"calibration: {report.calibration}",
+             f"{'':>16} {'original':>14} {'compressed':>14} {'ratio':>7}"]
+    for k in ("total", "non_embedding", "decoder"):
+        lines.append(f"{k + ' params':>16} {po[k]:>14,} {pc[k]:>14,} {pc[k] / po[k]:>7.3f}")
+    m = report.measurement
+    lines.append(f"compression: {m.seconds:.1f} s, peak RSS {m.rss_peak / 2**20:.0f} MiB "
+                 f"(+{m.rss_added / 2**20:.0f} MiB)" + (f", CUDA peak {m.cuda_peak / 2**20:.0f} MiB" if m.cuda_peak else ""))
+    for row in ppl_rows:
+        lines.append(f"perplexity {row['model']:>10}: {row['ppl']:.4f} ({row['windows']} × {row['seqlen']} tokens of {row['dataset']})")
+    if args.out:
+        lines.append(f"saved ({out['format']} format) to {out['out']}")
+    _out(out, args.json, "\n".join(lines))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slicekit.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slicekit.methods import available_methods
+
+    parser = argparse.ArgumentParser(prog="slicekit", description="structured compression of causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, widths, heads and parameter counts of a model")
+    _common_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity with the standard protocol")
+    _common_model_args(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, ptb, c4, brown, or a text/JSONL path")
+    p.add_argument("--split", default=None, help="dataset split (default: the dataset's test split)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="compress a model and save it as a Hugging Face directory")
+    _common_model_args(p)
+    p.add_argument("--method", default="slicegpt", choices=available_methods())
+    p.add_argument("--cal-dataset", default="wikitext2")
+    p.add_argument("--cal-split", default=None)
+    p.add_argument("--cal-nsamples", type=int, default=128)
+    p.add_argument("--cal-seqlen", type=int, default=2048)
+    p.add_argument("--cal-batch-size", type=int, default=8)
+    p.add_argument("--cal-strategy", default="documents", choices=["documents", "windows"])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=None, help="output directory (written atomically)")
+    p.add_argument("--eval", action="store_true", help="perplexity before and after")
+    p.add_argument("--eval-dataset", default="wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--cal-nsamples", type=int, default=16)
+    p.add_argument("--cal-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=8)
+    p.add_argument("--out", default="out/smollm2-135m-slicegpt")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*token_id must be.*")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SlicekitError as err:
+        print(f"slicekit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slicekit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a last line of defence: one line, not a traceback
+        from slicekit.arch import UnsupportedArchitectureError
+        from slicekit.modeling_slicekit import SlicekitShapeError
+
+        if isinstance(err, (UnsupportedArchitectureError, SlicekitShapeError)):
+            print(f"slicekit: error: {err}", file=sys.stderr)
+            return 2
+        if os.environ.get("SLICEKIT_DEBUG"):
+            raise
+        print(f"slicekit: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              "(set SLICEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

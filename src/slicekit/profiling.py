@@ -1,0 +1,68 @@
+"""Wall time and peak memory of a block of work (RSS sampled in a thread; CUDA peak if used)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def current_rss() -> int:
+    """Resident set size in bytes (Linux /proc; falls back to the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    rss_before: int = 0
+    rss_peak: int = 0
+    cuda_peak: int = 0
+
+    @property
+    def rss_added(self) -> int:
+        return max(0, self.rss_peak - self.rss_before)
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "rss_before_mib": self.rss_before / 2**20,
+                "rss_peak_mib": self.rss_peak / 2**20, "rss_added_mib": self.rss_added / 2**20,
+                "cuda_peak_mib": self.cuda_peak / 2**20}
+
+
+class measure:  # noqa: N801 - used as a context manager
+    """``with measure() as m: ...`` → ``m.seconds``, ``m.rss_peak`` … (sampling every 5 ms)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.result = Measurement()
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.result.rss_peak = max(self.result.rss_peak, current_rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Measurement:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.result.rss_before = self.result.rss_peak = current_rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        self.result.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.result.rss_peak = max(self.result.rss_peak, current_rss())
+        if torch.cuda.is_available():
+            self.result.cuda_peak = torch.cuda.max_memory_allocated()

