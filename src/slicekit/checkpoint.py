@@ -240,9 +240,16 @@ def load(directory: str, dtype: torch.dtype | str | None = None, device: str = "
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise SlicekitError(f"cannot load {directory}: {str(err).splitlines()[0]}") from err
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        tokenizer = None
+    if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it reads config.json, whose model_type it does not know
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise SlicekitError(f"cannot load the tokenizer saved in {directory}: {str(err).splitlines()[0]}") from err
+        finally:
+            hf_logging.set_verbosity(level)
     model.config.use_cache = True
     return model, tokenizer

@@ -79,7 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from slicekit.arch import attention_info, get_arch, mlp_width
     from slicekit.models import count_parameters, load_model
 
-    model, _ = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device)
     cfg = model.config
     base = cfg
     spec = get_arch(base)
@@ -96,8 +96,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     lines = [f"{k:>20}: {v}" for k, v in info.items() if k != "params"]
     lines += [f"{'params ' + k:>20}: {v:,}" for k, v in info["params"].items()]
+    if args.layer_scores:
+        info["layer_scores"] = _layer_scores(model, tok, args)
+        lines += [f"layer scores on {info['layer_scores']['calibration']}:", f"{'layer':>6} {'LR':>9} {'BI':>9}"]
+        lines += [f"{i:>6} {lr:>9.5f} {bi:>9.5f}"
+                  for i, (lr, bi) in enumerate(zip(info["layer_scores"]["lr"], info["layer_scores"]["bi"]))]
     _out(info, args.json, "\n".join(lines))
     return 0
+
+
+def _layer_scores(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """LR/BI per block (:func:`slicekit.scores.layer_scores`) on freshly drawn calibration text."""
+    from slicekit.pipeline import CalibrationRequest, calibration_batches
+    from slicekit.scores import layer_scores
+
+    if getattr(model, "slicekit", None) is not None:
+        raise SlicekitError("--layer-scores measures an uncompressed model (block inputs and outputs of "
+                            "a sliced model live in different bases)")
+    if tok is None:
+        raise SlicekitError(f"--layer-scores needs a tokenizer and {args.model} has none")
+    req = CalibrationRequest(args.cal_dataset, None, args.cal_nsamples, args.cal_seqlen, 4, args.seed)
+    batches, description = calibration_batches(tok, req)
+    scores = layer_scores(model, batches, device=args.device, progress=not args.quiet)
+    return {**scores.as_dict(), "calibration": description}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -120,6 +141,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slicekit.evaluate import perplexity
     from slicekit.models import load_model
     from slicekit.pipeline import CalibrationRequest, compress
+    from slicekit.plots import summary_widths_png
 
     config = _build_method_config(args.method, args)
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -147,7 +169,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 "compression_seconds": report.measurement.seconds,
                 "params": {"original": report.params_original, "compressed": report.params_compressed},
                 "perplexity": ppl_rows, "widths": report.result.summary}
-        out["format"] = save(model, tok, args.out, shape=report.result.shape, info=info)
+        png = summary_widths_png(report.result.summary, f"{args.model}, {args.method}")
+        out["format"] = save(model, tok, args.out, shape=report.result.shape, info=info,
+                             extra_files={"layer_widths.png": png} if png else None)
         out["out"] = os.path.abspath(args.out)
     po, pc = report.params_original, report.params_compressed
     lines = [f"method {args.method}: {json.dumps(report.settings)}", f"calibration: {report.calibration}",
@@ -179,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture, widths, heads and parameter counts of a model")
     _common_model_args(p)
+    p.add_argument("--layer-scores", action="store_true",
+                   help="also measure per-block layer redundancy LR = mean cos(input, output) and BI = 1 − LR")
+    p.add_argument("--cal-dataset", default="wikitext2", help="text for --layer-scores (dataset name or path)")
+    p.add_argument("--cal-nsamples", type=int, default=32)
+    p.add_argument("--cal-seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="perplexity with the standard protocol")

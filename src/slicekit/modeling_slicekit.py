@@ -21,13 +21,16 @@ The ``shape`` dictionary (``config.json`` → ``slicekit.shape``)::
      "attributes": {dotted.path: value, ...}}
 
 with ``spec["type"]`` one of ``linear`` / ``conv1d`` / ``embedding`` (resized in place, keeping
-the module's class), ``unit_rmsnorm`` (replaces a norm) and ``block`` (wraps a decoder layer).
+the module's class), ``unit_rmsnorm`` (replaces a norm), ``block`` (wraps a decoder layer) and
+``reduced_attention`` (wraps an attention module whose query/key and value/output head widths
+were reduced, see :class:`ReducedAttention`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -123,6 +126,111 @@ class ResidualBlock(nn.Module):
         return self._shortcut(x, self.mlp_shortcut) + mlp_out
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ReducedAttention(nn.Module):
+    """Attention whose heads were narrowed: ``qk_dim`` query/key and ``v_dim`` value dims per head.
+
+    Used by MoDeGPT, which keeps a subset of each head's query/key dimensions and a low-rank
+    value/output factorisation.  The original attention module's children (its q/k/v/o linears,
+    already resized) are adopted under their own names, so parameter names do not change, and
+    the original module's attributes (``config``, ``layer_idx``, ``scaling``, ``is_causal``,
+    ``sliding_window`` …) are copied.  Only the head plumbing is ours: project, split into heads,
+    apply RoPE to the kept rotary dimensions, update the KV cache, and call the installed
+    transformers' attention function (``ALL_ATTENTION_FUNCTIONS`` for the configured
+    implementation, else the family's own ``eager_attention_forward``), then the output linear.
+
+    RoPE on a subset: a head keeps rotary pairs ``(j, j + r/2)`` together and stores them in the
+    order ``[firsts, partners, unrotated dims]`` (``qk_index`` holds their original positions, one
+    row per KV head; the query heads of a GQA group share their KV head's row).  ``rotate_half`` of
+    the reduced vector then rotates the same pairs, and cos/sin are gathered at ``qk_index``: the
+    scores are exactly those of the original head restricted to the kept dimensions.  The softmax
+    scale stays the original ``head_dim ** -0.5`` (``scaling``).
+
+    Spec: ``{"type": "reduced_attention", "q", "k", "v", "o": child names, "num_heads",
+    "num_kv_heads", "qk_dim", "v_dim", "rotary_dim" (rotated dims among the kept ones),
+    "qk_index": [[int] * qk_dim] * num_kv_heads, "scaling"}``.
+    """
+
+    def __init__(self, attn: nn.Module, spec: Mapping[str, Any]) -> None:
+        super().__init__()
+        for key, value in vars(attn).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        for name, child in attn.named_children():
+            self.add_module(name, child)
+        self.eager_module = type(attn).__module__
+        self.set_spec(spec)
+
+    def set_spec(self, spec: Mapping[str, Any]) -> None:
+        self.spec = {k: v for k, v in spec.items() if k != "type"}
+        self.num_heads = int(spec["num_heads"])
+        self.num_kv_heads = int(spec["num_kv_heads"])
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.qk_dim, self.v_dim = int(spec["qk_dim"]), int(spec["v_dim"])
+        self.rotary_dim = int(spec["rotary_dim"])
+        self.scaling = float(spec["scaling"])
+        self.qk_index = [list(map(int, row)) for row in spec["qk_index"]]
+        self._index_cache: dict = {}
+
+    def _rope_index(self, device: torch.device) -> torch.Tensor:
+        idx = self._index_cache.get(device)
+        if idx is None:
+            idx = torch.tensor([row[: self.rotary_dim] for row in self.qk_index], dtype=torch.long, device=device)
+            self._index_cache[device] = idx
+        return idx
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dim
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if args:
+            raise TypeError("ReducedAttention takes its arguments by keyword, as the decoder layers pass them")
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else legacy
+        kwargs.pop("output_attentions", None)
+        spec = self.spec
+        lead = hidden_states.shape[:-1]
+        q = getattr(self, spec["q"])(hidden_states).view(*lead, self.num_heads, self.qk_dim).transpose(1, 2)
+        k = getattr(self, spec["k"])(hidden_states).view(*lead, self.num_kv_heads, self.qk_dim).transpose(1, 2)
+        v = getattr(self, spec["v"])(hidden_states).view(*lead, self.num_kv_heads, self.v_dim).transpose(1, 2)
+        if self.rotary_dim and position_embeddings is not None:
+            cos, sin = position_embeddings
+            idx = self._rope_index(cos.device)  # (kv_heads, r)
+            cos_k, sin_k = cos[..., idx].movedim(-2, -3), sin[..., idx].movedim(-2, -3)  # (..., kv, T, r)
+            g = self.num_key_value_groups
+            cos_q = cos_k.repeat_interleave(g, dim=-3) if g > 1 else cos_k
+            sin_q = sin_k.repeat_interleave(g, dim=-3) if g > 1 else sin_k
+            q, k = self._rope(q, cos_q.to(q.dtype), sin_q.to(q.dtype)), self._rope(k, cos_k.to(k.dtype), sin_k.to(k.dtype))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = getattr(sys.modules.get(self.eager_module), "eager_attention_forward", None)
+        impl = getattr(self.config, "_attn_implementation", "eager")
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager) if eager is not None else ALL_ATTENTION_FUNCTIONS[impl]
+        # Mistral reads the window from the config, Qwen2 from the module (None on full layers).
+        window = self.sliding_window if "sliding_window" in vars(self) else getattr(self.config, "sliding_window", None)
+        extra = {} if window is None else {"sliding_window": window}
+        dropout = getattr(self, "attention_dropout", getattr(self, "dropout", 0.0))
+        out, weights = interface(self, q, k, v, attention_mask, dropout=dropout if self.training else 0.0,
+                                 scaling=self.scaling, **extra, **kwargs)
+        out = out.reshape(*lead, -1).contiguous()
+        return getattr(self, spec["o"])(out), weights
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, qk_dim={self.qk_dim}, "
+                f"v_dim={self.v_dim}, rotary_dim={self.rotary_dim}")
+
+
 def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
@@ -168,6 +276,13 @@ def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
         elif kind == "unit_rmsnorm":
             parent, name = _parent_and_name(model, path)
             setattr(parent, name, UnitRMSNorm(spec["dim"], spec["norm_dim"], spec["eps"]))
+        elif kind == "reduced_attention":
+            parent, name = _parent_and_name(model, path)
+            attn = model.get_submodule(path)
+            if isinstance(attn, ReducedAttention):
+                attn.set_spec(spec)
+            else:
+                setattr(parent, name, ReducedAttention(attn, spec))
         else:
             raise SlicekitShapeError(f"unknown module type {kind!r} for {path!r} in the shape description")
     for path, spec in blocks:
@@ -186,6 +301,11 @@ def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
     for dotted, value in shape.get("attributes", {}).items():
         parent, name = _parent_and_name(model, dotted)
         setattr(parent, name, value)
+    # Resizing gave the embedding and the head new storage: re-tie them where the config ties
+    # them (methods that keep the tie, e.g. MoDeGPT), so the checkpoint holds the matrix once.
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model
 
 

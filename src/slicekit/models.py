@@ -76,7 +76,8 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource("hub", spec, None, spec)
 
 
-def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
+def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
+               require_tokenizer: bool = True) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode.
 
     GGUF weights are dequantised by transformers; the result is re-created as a plain model so
@@ -91,18 +92,28 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
         from slicekit.checkpoint import load
 
         return load(src.path, dtype=torch_dtype, device=device)
+    from transformers import AutoConfig
+
+    from slicekit.arch import get_arch
+
     kwargs: dict = {"dtype": torch_dtype}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
+    gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    kwargs.update(gguf)
     try:
+        get_arch(AutoConfig.from_pretrained(src.path, **gguf))  # fail on an unknown type before loading weights
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        tok = AutoTokenizer.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
     except OSError as err:
         if src.kind == "hub":
             raise SlicekitError(f"cannot load {spec!r} from the Hugging Face hub (offline, or no such model?): {str(err).splitlines()[0]}") from err
         raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
     except ValueError as err:
         raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **gguf)
+    except (OSError, ValueError, TypeError) as err:
+        if require_tokenizer:
+            raise SlicekitError(f"cannot load the tokenizer of {spec!r}: {str(err).splitlines()[0]}") from err
+        tok = None
     if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
         model = _strip_gguf_quantization(model)
     model.to(device)

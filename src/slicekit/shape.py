@@ -14,7 +14,13 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from slicekit.arch import get_arch, linear_shape_spec
-from slicekit.modeling_slicekit import SHAPE_VERSION, ResidualBlock, UnitRMSNorm, build_compressed_model
+from slicekit.modeling_slicekit import (
+    SHAPE_VERSION,
+    ReducedAttention,
+    ResidualBlock,
+    UnitRMSNorm,
+    build_compressed_model,
+)
 
 
 def describe(model: nn.Module, attributes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -33,6 +39,8 @@ def describe(model: nn.Module, attributes: dict[str, Any] | None = None) -> dict
                              "embedding_dim": mod.embedding_dim}
         elif isinstance(mod, UnitRMSNorm):
             modules[name] = {"type": "unit_rmsnorm", "dim": mod.dim, "norm_dim": mod.norm_dim, "eps": mod.eps}
+        elif isinstance(mod, ReducedAttention):
+            modules[name] = {"type": "reduced_attention", **mod.spec}
         elif isinstance(mod, ResidualBlock):
             spec = {k: v for k, v in mod.spec.items() if k not in ("attn_shortcut", "mlp_shortcut")}
             for key in ("attn_shortcut", "mlp_shortcut"):

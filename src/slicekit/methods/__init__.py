@@ -53,8 +53,13 @@ def register_method(name: str, config_cls: type, compress: Callable[..., Compres
     METHODS[name] = MethodEntry(name, config_cls, compress, description)
 
 
+_BROKEN: dict[str, str] = {}  # method name -> why its package failed to import
+
+
 def get_method(name: str) -> MethodEntry:
     _load_builtin()
+    if name in _BROKEN:
+        raise SlicekitError(f"method {name!r} is unavailable: {_BROKEN[name]}")
     if name not in METHODS:
         raise SlicekitError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -73,8 +78,13 @@ def _load_builtin() -> None:
     import importlib.util
 
     for mod in _BUILTIN:
-        if importlib.util.find_spec(mod) is not None:
+        short = mod.rsplit(".", 1)[-1]
+        if short in METHODS or short in _BROKEN or importlib.util.find_spec(mod) is None:
+            continue
+        try:
             importlib.import_module(mod)
+        except ImportError as err:  # one method's missing dependency must not break the others
+            _BROKEN[short] = f"{type(err).__name__}: {err}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

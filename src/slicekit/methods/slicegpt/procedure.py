@@ -20,7 +20,14 @@ from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer, shortcu
 from slicekit.methods import CompressionContext, CompressionResult
 from slicekit.methods.slicegpt.config import SliceGPTConfig
 from slicekit.modeling_slicekit import ResidualBlock, UnitRMSNorm
-from slicekit.schedules import constant, widths_from_fractions
+from slicekit.schedules import (
+    constant,
+    effective_slice_base,
+    needs_scores,
+    resolve_schedule,
+    widths_from_fractions,
+)
+from slicekit.scores import LayerScores, layer_scores
 from slicekit.shape import describe
 
 
@@ -143,27 +150,63 @@ class RotateAndSlice:
         setattr(self.model.get_submodule(parent), name, UnitRMSNorm(self.width, self.hidden, old.eps))
 
 
+def schedule_fractions(model: nn.Module, calibration: list[torch.Tensor], config: SliceGPTConfig,
+                       ctx: CompressionContext) -> tuple[list[float], LayerScores | None]:
+    """Per-layer slice fractions of ``config.schedule``, rounded to exact widths of
+    ``config.round_to``; scores the layers first when the schedule needs it.
+
+    The scores are taken on the model as given, *before* :func:`make_invariant`: for RMSNorm
+    families the invariance transforms leave the residual stream unchanged (so it makes no
+    difference), for LayerNorm families they centre it, and the papers define the scores on the
+    original model.
+    """
+    spec = get_arch(model.config)
+    n_layers = len(spec.layer_list(model))
+    scores = None
+    if needs_scores(config.schedule):
+        scores = layer_scores(model, calibration, device=ctx.device, progress=ctx.progress)
+    fractions = resolve_schedule(config.schedule, config.sparsity, n_layers, scores=scores,
+                                 slice_base=config.slice_base, epsilon=config.epsilon,
+                                 cap=config.max_layer_sparsity, full_width=model.config.hidden_size,
+                                 multiple=config.round_to)
+    return fractions, scores
+
+
 @torch.no_grad()
 def compress(model: nn.Module, calibration: list[torch.Tensor], config: SliceGPTConfig,
              ctx: CompressionContext | None = None, fractions: list[float] | None = None) -> CompressionResult:
     """Make ``model`` invariant, then rotate and slice it in place.
 
-    ``calibration``: token-id batches.  ``fractions``: per-layer slice fractions from a width
-    schedule (default: constant ``config.sparsity``).
+    ``calibration``: token-id batches.  ``fractions``: per-layer slice fractions that override
+    ``config.schedule`` (default: the schedule's, see :func:`schedule_fractions`).
     """
     ctx = ctx or CompressionContext()
     spec = get_arch(model.config)
+    scores = None
+    if fractions is None:
+        fractions, scores = schedule_fractions(model, calibration, config, ctx)
     make_invariant(model, spec)
     n_layers = len(spec.layer_list(model))
     plan = plan_widths(config, spec, model.config.hidden_size, n_layers, fractions)
     engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
     method = RotateAndSlice(model, spec, plan, config.damping)
     engine.run(method, desc="slicegpt")
+    hidden = model.config.hidden_size
     summary = {
         "method": "slicegpt",
-        "hidden_size": model.config.hidden_size,
+        "hidden_size": hidden,
+        "schedule": config.schedule,
         "attn_in_widths": plan.attn_in,
         "mlp_in_widths": plan.mlp_in,
         "head_in_width": plan.head_in,
+        "mean_width": sum(plan.attn_in) / n_layers,
+        "mean_sparsity": 1.0 - sum(plan.attn_in) / (n_layers * hidden),
+        "layer_fractions": [1.0 - w / hidden for w in plan.attn_in],
     }
+    if config.schedule == "dynamic":
+        summary["slice_base"] = effective_slice_base(config.sparsity, config.slice_base)
+    if config.schedule == "modegpt":
+        summary["epsilon"] = config.epsilon
+    if scores is not None:
+        summary["layer_scores"] = scores.as_dict()
     return CompressionResult(describe(model), summary)

@@ -1,0 +1,48 @@
+"""FASP settings, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from slicekit.errors import SlicekitError
+from slicekit.schedules import check_sparsity
+
+
+@dataclass
+class FASPConfig:
+    """``sparsity`` is the share of *decoder parameters* removed (e.g. 0.25).
+
+    ``schedule``: how that share is spread over layers — ``constant`` (every layer loses the same
+    share of its parameters), a JSON list of per-layer shares, or any name the shared
+    :mod:`slicekit.schedules` resolves.  ``mlp_only``: prune MLP neurons only (attention kept
+    whole; with a uniform width the checkpoint is a vanilla Hugging Face one).
+    ``attention_sparsity``: fraction of KV groups removed per layer (rounded to whole groups); by
+    default each layer removes ``floor(share × groups)`` groups and the MLP removes the rest of
+    the layer's budget.  ``round_to``: MLP widths removed in multiples of this.  ``damping``:
+    relative ridge of the least-squares restoration (towards the plain-removal weights).
+    ``restore``: least-squares restoration of the kept columns (off = plain removal).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    sparsity: float = 0.25
+    schedule: str = "constant"
+    mlp_only: bool = False
+    attention_sparsity: float | None = None
+    round_to: int = 8
+    damping: float = 0.01
+    restore: bool = True
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.attention_sparsity is not None and not 0.0 <= self.attention_sparsity < 1.0:
+            raise SlicekitError(f"attention_sparsity must be in [0, 1) (got {self.attention_sparsity})")
+        if self.mlp_only and self.attention_sparsity:
+            raise SlicekitError("attention_sparsity > 0 contradicts mlp_only")
+        if self.round_to < 1:
+            raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
+        if self.damping < 0:
+            raise SlicekitError(f"damping must be ≥ 0 (got {self.damping})")
+        if not isinstance(self.schedule, str) or not self.schedule:
+            raise SlicekitError("schedule must be a non-empty string")

@@ -1,0 +1,58 @@
+"""MoDeGPT settings, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from slicekit.errors import SlicekitError
+from slicekit.schedules import DEFAULT_CAP, DEFAULT_EPSILON, check_schedule, check_sparsity
+
+MODULES = ("mlp", "qk", "vo")
+
+
+@dataclass
+class MoDeGPTConfig:
+    """``sparsity`` is the share of *decoder parameters* removed (real counts, e.g. 0.25).
+
+    ``schedule``: per-layer allocation — ``modegpt`` (``softmax(−BI/ε)``, the paper's), ``constant``,
+    ``dynamic`` or a JSON file (see :mod:`slicekit.schedules`); the schedule's mean is then scaled
+    so that the real decoder parameter share removed matches ``sparsity``.  ``epsilon``: the
+    softmax temperature ε; ``max_layer_sparsity``: the per-layer cap.
+    ``modules``: comma-separated subset of ``mlp,qk,vo`` to compress (the others keep their size
+    and the rest take the whole budget); attention modules are skipped on families whose
+    attention slicekit cannot narrow (fused q/k/v projections, query-key norms).
+    ``ridge``: λ of the ridge leverage scores relative to ``mean(diag C)``.
+    ``damping``: relative diagonal damping of the least-squares solve (MLP) and of the whitening
+    (value-output).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    sparsity: float = 0.25
+    schedule: str = "modegpt"
+    epsilon: float = DEFAULT_EPSILON
+    max_layer_sparsity: float = DEFAULT_CAP
+    modules: str = "mlp,qk,vo"
+    ridge: float = 1e-2
+    damping: float = 1e-2
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        check_schedule(self.schedule)
+        if not self.epsilon > 0:
+            raise SlicekitError(f"epsilon must be > 0 (got {self.epsilon})")
+        if not 0 < self.max_layer_sparsity < 1:
+            raise SlicekitError(f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})")
+        if self.ridge <= 0:
+            raise SlicekitError(f"ridge must be > 0 (got {self.ridge})")
+        if self.damping < 0:
+            raise SlicekitError(f"damping must be ≥ 0 (got {self.damping})")
+        mods = self.module_set
+        bad = mods - set(MODULES)
+        if bad or not mods:
+            raise SlicekitError(f"modules must be a comma-separated subset of {','.join(MODULES)} (got {self.modules!r})")
+
+    @property
+    def module_set(self) -> set[str]:
+        return {m.strip() for m in self.modules.split(",") if m.strip()}

@@ -1,0 +1,195 @@
+"""Save → load round trips (with and without slicekit importable), corruption, atomic saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_inputs, tiny_model
+
+from slicekit.checkpoint import load, save
+from slicekit.errors import SlicekitError
+from slicekit.methods import CompressionContext
+from slicekit.methods.slicegpt import SliceGPTConfig, compress
+
+CTX = CompressionContext(progress=False)
+
+# A subprocess in which `import slicekit` fails: the checkpoint must load on transformers alone.
+NO_SLICEKIT = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "slicekit":
+                raise ImportError("slicekit is deliberately not importable here")
+    sys.meta_path.insert(0, _Block())
+    sys.path = [p for p in sys.path if "slicekit" not in p and not p.endswith("/src")]
+""")
+
+
+def _compressed(arch, sparsity=0.25):
+    model = tiny_model(arch)
+    cal = [tiny_inputs(2, 32, seed=s) for s in range(3)]
+    result = compress(model, cal, SliceGPTConfig(sparsity=sparsity), CTX)
+    return model, result
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_in_process_and_without_slicekit(arch, tmp_path):
+    model, result = _compressed(arch)
+    x = tiny_inputs()
+    ref = _logits(model, x)
+    out = tmp_path / "ckpt"
+    assert save(model, None, str(out), shape=result.shape, info={"method": "slicegpt"}) == "slicekit"
+    assert (out / "modeling_slicekit.py").is_file() and (out / "README.md").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")), "no pickles"
+    loaded, _ = load(str(out))
+    assert _rel(_logits(loaded, x), ref) <= 1e-5
+    torch.save(x, tmp_path / "x.pt")
+    code = NO_SLICEKIT + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(m(input_ids=x).logits, {str(tmp_path / 'y.pt')!r})
+        g = m.generate(x[:1, :6], max_new_tokens=6, do_sample=False, use_cache=True)
+        g2 = m.generate(x[:1, :6], max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(g, g2), (g, g2)
+        print(type(m).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert type(model).__name__ in proc.stdout
+    remote = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert _rel(remote, ref) <= 1e-5
+
+
+def test_generate_with_cache_matches_in_memory_greedy(tmp_path):
+    model, result = _compressed("llama")
+    save(model, None, str(tmp_path / "c"), shape=result.shape)
+    loaded, _ = load(str(tmp_path / "c"))
+    x = tiny_inputs(1, 8)
+    model.config.use_cache = True
+    with torch.no_grad():
+        a = model.generate(x, max_new_tokens=10, do_sample=False)
+        b = loaded.generate(x, max_new_tokens=10, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model, result = _compressed("qwen2")
+    save(model, None, str(tmp_path / "s"), shape=result.shape, max_shard_size=20_000)
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "s").glob("model-*.safetensors"))) > 1
+    loaded, _ = load(str(tmp_path / "s"))
+    x = tiny_inputs()
+    assert _rel(_logits(loaded, x), _logits(model, x)) <= 1e-6
+
+
+def test_vanilla_config_when_shape_fits_original_architecture(tmp_path):
+    """Uniform MLP-width pruning keeps the architecture: no custom code is written."""
+    from slicekit.arch import linear_weight, set_linear
+
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(layer.mlp, name)
+            set_linear(lin, linear_weight(lin)[:40])
+        set_linear(layer.mlp.down_proj, linear_weight(layer.mlp.down_proj)[:, :40])
+    x = tiny_inputs()
+    ref = _logits(model, x)
+    assert save(model, None, str(tmp_path / "v")) == "vanilla"
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["intermediate_size"] == 40 and "auto_map" not in cfg
+    assert not (tmp_path / "v" / "modeling_slicekit.py").exists()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "v").eval()
+    assert _rel(_logits(plain, x), ref) <= 1e-5
+
+
+def test_truncated_checkpoint_names_the_problem(tmp_path):
+    model, result = _compressed("llama")
+    out = tmp_path / "t"
+    save(model, None, str(out), shape=result.shape)
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlicekitError, match="corrupt|truncated|cannot read"):
+        load(str(out))
+
+
+def test_mismatched_checkpoint_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, result = _compressed("llama")
+    out = tmp_path / "m"
+    save(model, None, str(out), shape=result.shape)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :8].contiguous()
+    del tensors["model.layers.1.self_attn.o_proj.weight"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(SlicekitError) as err:
+        load(str(out))
+    msg = str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight" in msg and "missing" in msg
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(SlicekitError, match="no such checkpoint"):
+        load(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlicekitError, match="config.json"):
+        load(str(tmp_path / "empty"))
+
+
+def test_killed_save_leaves_previous_output_intact(tmp_path):
+    """Kill a save midway (SIGKILL, no cleanup runs): the old checkpoint must still load."""
+    model, result = _compressed("llama")
+    out = tmp_path / "ckpt"
+    save(model, None, str(out), shape=result.shape)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import safetensors.torch as st
+        from tiny import tiny_model
+        from slicekit.checkpoint import save
+        real = st.save_file
+        def slow(*a, **k):
+            real(*a, **k)
+            print("WROTE", flush=True)
+            time.sleep(60)
+        st.save_file = slow
+        save(tiny_model("llama"), None, {str(out)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "WROTE" in line
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    loaded, _ = load(str(out))
+    x = tiny_inputs()
+    assert _rel(_logits(loaded, x), _logits(model, x)) <= 1e-6

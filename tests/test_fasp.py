@@ -1,0 +1,242 @@
+"""FASP on tiny random models of every architecture: shapes, counts, restoration, round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slicekit.arch import attention_info, get_arch, linear_weight
+from slicekit.checkpoint import load, save
+from slicekit.errors import SlicekitError
+from slicekit.methods import CompressionContext, get_method
+from slicekit.methods.fasp import FASPConfig, compress
+from slicekit.methods.fasp.structure import head_groups
+from slicekit.models import count_parameters
+from slicekit.shape import count_from_shape
+from tiny import ARCHS, tiny_inputs, tiny_model
+
+CTX = CompressionContext(progress=False)
+
+
+def _cal(n: int = 3):
+    return [tiny_inputs(2, 32, seed=s) for s in range(n)]
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_registered_with_cli_options():
+    entry = get_method("fasp")
+    assert entry.config_cls is FASPConfig
+    from slicekit.cli import build_parser
+
+    args = build_parser().parse_args(["compress", "--model", "x", "--method", "fasp", "--mlp-only",
+                                      "--sparsity", "0.3", "--damping", "0.1"])
+    from slicekit.cli import _build_method_config
+
+    cfg = _build_method_config("fasp", args)
+    assert cfg == FASPConfig(sparsity=0.3, mlp_only=True, damping=0.1)
+
+
+def test_config_validation():
+    with pytest.raises(SlicekitError):
+        FASPConfig(sparsity=1.0)
+    with pytest.raises(SlicekitError):
+        FASPConfig(attention_sparsity=0.5, mlp_only=True)
+    with pytest.raises(SlicekitError):
+        FASPConfig(round_to=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nothing_removed_is_exact(arch):
+    model = tiny_model(arch)
+    x = tiny_inputs()
+    ref = _logits(model, x)
+    result = compress(model, _cal(), FASPConfig(sparsity=0.0), CTX)
+    assert result.summary["achieved_decoder_share"] == 0.0
+    assert _rel(_logits(model, x), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_counts_restoration_and_round_trip(arch, tmp_path):
+    model = tiny_model(arch)
+    spec, b = get_arch(model.config), get_arch(model.config).block
+    info = attention_info(model.config)
+    groups, _ = head_groups(model.config, spec)
+    result = compress(model, _cal(), FASPConfig(sparsity=0.3), CTX)
+    s = result.summary
+    # shapes follow the plan and the description
+    for layer, rec in zip(spec.layer_list(model), s["layers"], strict=True):
+        width = rec["mlp_width"]
+        assert width < 96
+        assert linear_weight(layer.get_submodule(b.mlp_down)).shape[1] == width
+        for name in b.mlp_up:
+            assert linear_weight(layer.get_submodule(name)).shape[0] == width * b.mlp_up_fused
+        heads = rec.get("heads") or info.num_heads
+        assert linear_weight(layer.get_submodule(b.attn_writer)).shape[1] == heads * info.head_dim
+        if groups is not None and int(0.3 * groups.n_groups) >= 1:  # default: floor(share × groups) go
+            assert heads == info.num_heads - int(0.3 * groups.n_groups) * groups.heads_per_group
+        # restoration never worse than plain removal, on the calibration data
+        for key in ("attn", "mlp"):
+            if f"{key}_error" in rec:
+                assert rec[f"{key}_error"] <= rec[f"{key}_error_plain"] + 1e-9
+                assert rec[f"{key}_error"] < rec[f"{key}_error_plain"]
+    counted = count_parameters(model)
+    from_shape = count_from_shape(model.config, result.shape)
+    for key in ("decoder", "non_embedding"):
+        assert from_shape[key] == counted[key]
+    assert s["decoder_params"]["compressed"] == counted["decoder"]
+    assert abs(s["achieved_decoder_share"] - 0.3) < 0.05
+    x = tiny_inputs()
+    ref = _logits(model, x)
+    assert torch.isfinite(ref).all()
+    fmt = save(model, None, str(tmp_path / "c"), shape=result.shape, info={"method": "fasp"})
+    heads_whole = all(r.get("heads") in (None, info.num_heads) for r in s["layers"])
+    assert fmt == ("vanilla" if heads_whole else "slicekit")  # uniform MLP widths fit the original config
+    loaded, _ = load(str(tmp_path / "c"))
+    assert _rel(_logits(loaded, x), ref) <= 1e-6
+    loaded.config.use_cache = True
+    with torch.no_grad():  # the KV cache works with per-layer head counts
+        g1 = loaded.generate(x[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True)
+        g2 = loaded.generate(x[:1, :6], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_recorded_error_is_the_measured_output_error(restore):
+    """Layer 0, MLP only: the down projection's output on the calibration data, before and after."""
+    model = tiny_model("llama")
+    cal = _cal()
+    layer = model.model.layers[0]
+    outs = {}
+
+    def grab(key):
+        return lambda _m, args, out: outs.setdefault(key, []).append(out.detach().double())
+
+    h = layer.mlp.down_proj.register_forward_hook(grab("before"))
+    for batch in cal:
+        _logits(model, batch)
+    h.remove()
+    result = compress(model, cal, FASPConfig(sparsity=0.3, mlp_only=True, restore=restore), CTX)
+    h = layer.mlp.down_proj.register_forward_hook(grab("after"))
+    for batch in cal:
+        _logits(model, batch)
+    h.remove()
+    y0, y1 = torch.cat(outs["before"]), torch.cat(outs["after"])
+    measured = float(((y0 - y1) ** 2).sum() / (y0 - layer.mlp.down_proj.bias.double()
+                                                 if layer.mlp.down_proj.bias is not None else y0).pow(2).sum())
+    rec = result.summary["layers"][0]
+    assert measured == pytest.approx(rec["mlp_error"], rel=1e-3)
+    if restore:
+        assert rec["mlp_error"] < 0.9 * rec["mlp_error_plain"]
+    else:
+        assert rec["mlp_error"] == pytest.approx(rec["mlp_error_plain"])
+
+
+def test_restoration_lowers_the_logit_error():
+    x = tiny_inputs(4, 32, seed=9)
+    ref = _logits(tiny_model("opt"), x)
+    errs = {}
+    for restore in (False, True):
+        m = tiny_model("opt")
+        compress(m, _cal(), FASPConfig(sparsity=0.3, restore=restore), CTX)
+        errs[restore] = _rel(_logits(m, x), ref)
+    assert errs[True] < errs[False]
+
+
+def test_mlp_only_saves_a_vanilla_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    result = compress(model, _cal(), FASPConfig(sparsity=0.25, mlp_only=True), CTX)
+    widths = result.summary["mlp_widths"]
+    assert len(set(widths)) == 1 and widths[0] < 96
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+    x = tiny_inputs()
+    ref = _logits(model, x)
+    assert save(model, None, str(tmp_path / "v"), shape=result.shape) == "vanilla"
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["intermediate_size"] == widths[0]
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "v").eval()
+    assert _rel(_logits(plain, x), ref) <= 1e-6
+
+
+def test_gqa_removes_whole_kv_groups():
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16
+    x = tiny_inputs()
+    result = compress(model, _cal(), FASPConfig(sparsity=0.3, attention_sparsity=0.5), CTX)
+    for layer, rec in zip(model.model.layers, result.summary["layers"], strict=True):
+        attn = layer.self_attn
+        assert attn.q_proj.weight.shape == (32, 64) and attn.o_proj.weight.shape == (64, 32)
+        assert attn.k_proj.weight.shape == (16, 64) and attn.v_proj.weight.shape == (16, 64)
+        assert attn.num_key_value_groups == 2 and rec["kv_groups"] == 1 and rec["heads"] == 2
+    assert torch.isfinite(_logits(model, x)).all()
+
+
+def test_kept_head_keeps_its_weights():
+    """Dropping a group keeps the other group's Q/K/V rows untouched (the interlinked rows)."""
+    model = tiny_model("llama")
+    before = [layer.self_attn.k_proj.weight.detach().clone() for layer in model.model.layers]
+    result = compress(model, _cal(), FASPConfig(sparsity=0.3, attention_sparsity=0.5), CTX)
+    for layer, k0, rec in zip(model.model.layers, before, result.summary["layers"], strict=True):
+        scores = rec["attn_scores"]
+        kept = max(range(2), key=lambda g: scores[g])
+        assert torch.equal(layer.self_attn.k_proj.weight, k0[kept * 16:(kept + 1) * 16])
+
+
+def test_phi3_keeps_attention_and_refuses_head_removal():
+    model = tiny_model("phi3")
+    result = compress(model, _cal(), FASPConfig(sparsity=0.25), CTX)
+    assert "kept whole" in result.summary["attention"]
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (64, 64)
+    with pytest.raises(SlicekitError, match="Phi3Attention"):
+        compress(tiny_model("phi3"), _cal(), FASPConfig(sparsity=0.25, attention_sparsity=0.5), CTX)
+
+
+def test_share_of_decoder_parameters_is_hit():
+    model = tiny_model("llama")
+    before = count_parameters(model)["decoder"]
+    result = compress(model, _cal(), FASPConfig(sparsity=0.25, round_to=1, mlp_only=True), CTX)
+    after = count_parameters(model)["decoder"]
+    assert result.summary["achieved_decoder_share"] == (before - after) / before
+    per_neuron = 3 * 64
+    assert abs((before - after) - 0.25 * before) <= per_neuron  # within one neuron per layer
+
+
+def test_schedule_file_gives_per_layer_widths(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"fractions": [0.1, 0.4]}))
+    model = tiny_model("qwen2")
+    result = compress(model, _cal(), FASPConfig(schedule=str(path), mlp_only=True, round_to=1), CTX)
+    w0, w1 = result.summary["mlp_widths"]
+    assert w0 > w1
+    assert result.summary["layer_fractions"] == [0.1, 0.4]
+
+
+def test_scored_schedule_runs():
+    model = tiny_model("llama")
+    result = compress(model, _cal(), FASPConfig(schedule="dynamic", mlp_only=True), CTX)
+    assert "layer_scores" in result.summary
+    assert torch.isfinite(_logits(model, tiny_inputs())).all()
+
+
+@pytest.mark.slow
+def test_smollm2_quarter_of_decoder(smollm2):
+    from slicekit.data import load_text, sample_calibration
+
+    model, tok = smollm2
+    cal = sample_calibration(tok, load_text("wikitext2", "validation", purpose="calibration"), 2, 128, 0)
+    before = count_parameters(model)["decoder"]
+    result = compress(model, cal.batches(2), FASPConfig(sparsity=0.25), CTX)
+    after = count_parameters(model)["decoder"]
+    assert abs((before - after) / before - 0.25) < 0.01
+    assert count_from_shape(model.config, result.shape)["decoder"] == after
+    assert torch.isfinite(_logits(model, cal.batches(2)[0][:1, :32])).all()
