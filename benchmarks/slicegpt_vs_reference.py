@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 
 from slicekit.data import load_text, sample_calibration
 from slicekit.evaluate import eval_windows, perplexity_of_windows
+from slicekit.methods import get_method
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import load_model
 from slicekit.pipeline import CalibrationRequest, clone_model, compress
@@ -125,6 +126,12 @@ def run_reference(ref: dict, data: str, out: str, sparsity: float, args, extra: 
     return res
 
 
+def run_reference_nc(ref: dict, data: str, tmp: str, args) -> dict:
+    print(f"sparsity {args.sparsity}: reference with the embedding centring undone", flush=True)
+    extra = ["--skip-dense-eval", "--keep-embedding-mean"] + (["--eval-fused"] if args.ref_eval_fused else [])
+    return run_reference(ref, data, os.path.join(tmp, "ref-nc.json"), args.sparsity, args, extra)
+
+
 def run_ours(dense, tok, batches, windows, sparsity: float, args, evaluate: bool) -> dict:
     model = clone_model(dense)
     release_free_memory()
@@ -185,6 +192,7 @@ def main() -> None:
     print(ref_line, flush=True)
     notes = [ref_line]
 
+    get_method("slicegpt")  # fail early if the method cannot be loaded
     dense, tok = load_model(args.model)
     hidden = dense.config.hidden_size
     cal_source = load_text("wikitext2", purpose="calibration")
@@ -194,9 +202,10 @@ def main() -> None:
     print(f"calibration: {cal.description}; eval: {windows.shape[0]} windows × {windows.shape[1]} of WikiText-2 test",
           flush=True)
 
+    t0 = time.perf_counter()
     nll, count = perplexity_of_windows(dense, windows, progress=False)
     ours_dense = math.exp(nll)
-    print(f"slicekit dense ppl {ours_dense:.4f}", flush=True)
+    print(f"slicekit dense ppl {ours_dense:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     sparsities = [args.sparsity] + [s for s in args.sweep if s != args.sparsity]
     ours: dict[float, list[dict]] = {}
@@ -206,6 +215,8 @@ def main() -> None:
         data = os.path.join(tmp, "ids.safetensors")
         save_file({"cal_input_ids": cal.input_ids.contiguous(), "eval_input_ids": windows.contiguous()}, data)
         for s in sparsities:
+            if s != args.sparsity and ref is not None and args.ref_no_centering and theirs_nc is None:
+                theirs_nc = run_reference_nc(ref, data, tmp, args)
             reps = args.repeats if s == args.sparsity else 1
             with_ref = ref is not None and (s == args.sparsity or args.ref_sweep)
             for r in range(reps):
@@ -221,10 +232,8 @@ def main() -> None:
                         extra.append("--eval-fused")
                     out = os.path.join(tmp, f"ref-{s}-{r}.json")
                     theirs.setdefault(s, []).append(run_reference(ref, data, out, s, args, extra))
-        if ref is not None and args.ref_no_centering:
-            print(f"sparsity {args.sparsity}: reference with the embedding centring undone", flush=True)
-            extra = ["--skip-dense-eval", "--keep-embedding-mean"] + (["--eval-fused"] if args.ref_eval_fused else [])
-            theirs_nc = run_reference(ref, data, os.path.join(tmp, "ref-nc.json"), args.sparsity, args, extra)
+        if ref is not None and args.ref_no_centering and theirs_nc is None:
+            theirs_nc = run_reference_nc(ref, data, tmp, args)
 
     # ------------------------------------------------------------------ tables
     def best(runs: list[dict], key: str) -> float:  # median over repeats

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_config, tiny_model
 
 from slicekit.arch import (
     UnsupportedArchitectureError,
@@ -16,6 +15,7 @@ from slicekit.arch import (
     set_linear,
     supported_model_types,
 )
+from tiny import ARCHS, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

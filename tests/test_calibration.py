@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_inputs, tiny_model
 
 from slicekit.arch import get_arch
 from slicekit.calibration import CalibrationEngine, Gram
+from tiny import ARCHS, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_inputs, tiny_model
 
 from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
 from slicekit.methods import CompressionContext
 from slicekit.methods.slicegpt import SliceGPTConfig, compress
+from tiny import ARCHS, tiny_inputs, tiny_model
 
 CTX = CompressionContext(progress=False)
 
@@ -131,7 +131,7 @@ def test_truncated_checkpoint_names_the_problem(tmp_path):
     f = out / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SlicekitError, match="corrupt|truncated|cannot read"):
+    with pytest.raises(SlicekitError, match=r"corrupt|truncated|cannot read"):
         load(str(out))
 
 
@@ -155,7 +155,7 @@ def test_missing_directory_and_config(tmp_path):
     with pytest.raises(SlicekitError, match="no such checkpoint"):
         load(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SlicekitError, match="config.json"):
+    with pytest.raises(SlicekitError, match=r"config\.json"):
         load(str(tmp_path / "empty"))
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tiny import tiny_model
 
 
@@ -78,7 +79,7 @@ def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
 )
 def test_bad_input_gives_one_line_error(tiny_dir, data_dir, args, needle):
     args = [str(tiny_dir) if a == "TINY" else a for a in args]
-    rc, out, err = run_cli(*args)
+    rc, _out, err = run_cli(*args)
     assert rc == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("slicekit:")]
     assert len(lines) == 1 and needle in lines[0], err[-1500:]

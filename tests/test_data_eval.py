@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from slicekit.data import TextSource, load_text, sample_calibration
 from slicekit.errors import SlicekitError
 from slicekit.evaluate import eval_windows, perplexity
+from tiny import tiny_model
 
 
 class CharTokenizer:
@@ -68,7 +68,7 @@ def test_local_text_jsonl_and_directory(tmp_path):
     assert load_text(str(tmp_path / "b.jsonl")).rows == ["json doc", "another"]
     assert len(load_text(str(tmp_path)).rows) == 4
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
-    with pytest.raises(SlicekitError, match="bad.jsonl:1"):
+    with pytest.raises(SlicekitError, match=r"bad\.jsonl:1"):
         load_text(str(tmp_path / "bad.jsonl"))
 
 

@@ -3,6 +3,8 @@ least-squares restoration, CR scores with rotary pairing, whitened SVD."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_nystrom_error_decreases_as_more_neurons_are_kept():
     for k in (2, 4, 6, 8, 10, 12):
         keep = nystrom_select(g, k, 0.01)
         errors.append(_lstsq_error(x, w, keep, lstsq_restore(w, g, keep, 0.0)))
-    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:], strict=False))
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
     assert errors[0] > 10 * errors[-2] and errors[-1] < 1e-12
 
 
@@ -125,7 +127,7 @@ def test_whitened_svd_is_exact_at_full_rank_and_improves_with_rank():
         a, b = whitened_svd(c, w_v, w_o, k, damping=0.01)
         assert a.shape == (k, 10) and b.shape == (20, k)
         errors.append(float(((x @ (b @ a).T - target) ** 2).sum()))
-    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:], strict=False))
+    assert all(e1 > e2 for e1, e2 in itertools.pairwise(errors))
     assert errors[-1] < 1e-16 * float((target ** 2).sum()) + 1e-18
 
 

@@ -4,13 +4,13 @@ error against kept size, parameter targeting, and save/load/generate on every ti
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_inputs, tiny_model
 
 from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
@@ -20,6 +20,7 @@ from slicekit.methods.modegpt.procedure import attention_geometry
 from slicekit.modeling_slicekit import ReducedAttention
 from slicekit.models import count_parameters
 from slicekit.shape import count_from_shape, describe
+from tiny import ARCHS, tiny_inputs, tiny_model
 
 CTX = CompressionContext(progress=False)
 ATTENTION_ARCHS = ["llama", "mistral", "qwen2", "opt", "phi"]  # families whose heads can be narrowed
@@ -43,8 +44,7 @@ def test_nothing_removed_is_exact(arch):
     model = tiny_model(arch)
     ref = _logits(model)
     res = compress(model, _cal(), MoDeGPTConfig(sparsity=0.0, schedule="constant"), CTX)
-    # only a folded value bias may change the count (Qwen2/OPT/Phi-2: −KV·d_h value, +D output bias)
-    assert res.summary["decoder_share_removed"] == pytest.approx(0.0, abs=2e-3)
+    assert res.summary["decoder_share_removed"] == 0.0
     assert _rel(_logits(model), ref) < 1e-5
 
 
@@ -106,7 +106,7 @@ def test_compress_save_load_generate(arch, tmp_path):
 def test_gqa_groups_share_dims_and_rotary_pairs_stay_together():
     model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16, full rotary
     orig = copy.deepcopy(model)
-    compress(model, _cal(), MoDeGPTConfig(sparsity=0.4, schedule="constant", modules="qk"), CTX)
+    compress(model, _cal(), MoDeGPTConfig(modules="qk"), CTX, fractions=[0.5, 0.3])
     d, half, grp = 16, 8, 2
     for layer, ref in zip(model.model.layers, orig.model.layers, strict=True):
         attn = layer.self_attn
@@ -136,7 +136,7 @@ def test_error_decreases_as_more_is_kept(modules):
         compress(model, _cal(4), MoDeGPTConfig(modules=modules), CTX, fractions=[frac, frac])
         errors.append(_rel(_logits(model), ref))
     assert errors[-1] < 1e-6
-    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
 
 
 def test_parameter_target_is_met_with_each_schedule():

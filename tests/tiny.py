@@ -47,7 +47,7 @@ def tiny_model(name: str, seed: int = 0):
                     mod.weight.uniform_(0.5, 1.5)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.normal_(0, 0.1)
-            elif hasattr(mod, "bias") and isinstance(getattr(mod, "bias"), torch.nn.Parameter):
+            elif hasattr(mod, "bias") and isinstance(mod.bias, torch.nn.Parameter):
                 mod.bias.normal_(0, 0.02)
     model.eval()
     model.config.use_cache = False

@@ -213,6 +213,12 @@ class CalibrationEngine:
         self.layer_args = [[] for _ in range(n)]
         # Only the embeddings and the decoder's own preprocessing run: move the non-layer modules.
         setattr(self.model.get_submodule(parent_path), attr, recorders)
+        # The decoder's own modules (embeddings, rotary, final norm) visit the device only for this
+        # pass; the layers stay where they are (they are replaced by recorders).
+        homes = {name: next(iter(m.parameters(recurse=True)), torch.empty(0)).device
+                 for name, m in decoder.named_children() if name != attr}
+        for name in homes:
+            getattr(decoder, name).to(self.device)
         try:
             with torch.no_grad():
                 for batch in self.batches:
@@ -224,6 +230,9 @@ class CalibrationEngine:
                         self.layer_args[i].append((args, kwargs))
         finally:
             setattr(self.model.get_submodule(parent_path), attr, original)
+            for name, dev in homes.items():
+                if dev.type != "meta":
+                    getattr(decoder, name).to(dev)
         self.layers = original
 
     def run_layer(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:

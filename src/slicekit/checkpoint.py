@@ -17,6 +17,7 @@ save leaves either the old directory or the new one, never a half-written one un
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -38,10 +39,8 @@ def _base_config_dict(model: nn.Module) -> dict[str, Any]:
     cfg = copy.deepcopy(model.config)
     for attr in ("quantization_config", "_name_or_path", "auto_map"):
         if hasattr(cfg, attr):
-            try:
+            with contextlib.suppress(AttributeError):
                 delattr(cfg, attr)
-            except AttributeError:
-                pass
     d = cfg.to_dict()
     d.pop("quantization_config", None)
     d.pop("auto_map", None)

@@ -189,6 +189,38 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slicekit.bench import BenchSettings, bench_models, linear_flops_per_token, ratios
+    from slicekit.models import load_model
+
+    models = {"model": load_model(args.model, args.dtype, args.device, require_tokenizer=False)[0]}
+    if args.baseline:
+        models["baseline"] = load_model(args.baseline, args.dtype, args.device, require_tokenizer=False)[0]
+    settings = BenchSettings(repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                             threads=args.threads)
+    results = bench_models(models, settings)
+    out = {name: {**res.medians(), "linear_flops_per_token": linear_flops_per_token(models[name])}
+           for name, res in results.items()}
+    out["settings"] = dataclasses.asdict(settings)
+    out["device"] = args.device
+    lines = [f"{'':>22} " + " ".join(f"{n:>12}" for n in results) + ("        ratio" if args.baseline else "")]
+    med = {n: r.medians() for n, r in results.items()}
+    if args.baseline:
+        out["ratios"] = ratios(results["model"], results["baseline"])
+        out["ideal_ratio_from_flops"] = out["baseline"]["linear_flops_per_token"] / out["model"]["linear_flops_per_token"]
+    for kind, key in (("prefill", "prefill_tokens_per_s"), ("decode", "decode_tokens_per_s")):
+        for shape in med["model"][key]:
+            row = f"{kind + ' ' + shape + ' tok/s':>22} " + " ".join(f"{med[n][key][shape]:>12.1f}" for n in results)
+            if args.baseline:
+                row += f" {out['ratios'][kind][shape]:>12.3f}"
+            lines.append(row)
+    lines.append(f"{'peak RSS MiB':>22} " + " ".join(f"{med[n]['peak_rss_mib']:>12.0f}" for n in results))
+    if args.baseline:
+        lines.append(f"ideal speed-up from matrix FLOPs removed: {out['ideal_ratio_from_flops']:.3f}")
+    _out(out, args.json, "\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slicekit.demo import run_demo
 
@@ -206,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-scores", action="store_true",
                    help="also measure per-block layer redundancy LR = mean cos(input, output) and BI = 1 − LR")
     p.add_argument("--cal-dataset", default="wikitext2", help="text for --layer-scores (dataset name or path)")
-    p.add_argument("--cal-nsamples", type=int, default=32)
+    p.add_argument("--cal-nsamples", type=int, default=16)
     p.add_argument("--cal-seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_info)
@@ -239,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p)
     p.set_defaults(func=cmd_compress)
 
+    p = sub.add_parser("bench", help="inference speed (prefill, decode) against a baseline, side by side")
+    _common_model_args(p)
+    p.add_argument("--baseline", default=None, help="the uncompressed original to compare with")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsity", type=float, default=0.25)
@@ -260,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if getattr(args, "quiet", False) or getattr(args, "json", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # GGUF de-quantisation and weight-loading bars
         return args.func(args)
     except SlicekitError as err:
         print(f"slicekit: error: {err}", file=sys.stderr)
@@ -267,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slicekit: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - a last line of defence: one line, not a traceback
+    except Exception as err:
         from slicekit.arch import UnsupportedArchitectureError
         from slicekit.modeling_slicekit import SlicekitShapeError
 

@@ -188,7 +188,7 @@ def _load_named(spec: DatasetSpec, split: str | None, purpose: str) -> TextSourc
     for s in candidates:
         try:
             return _load_hub(spec, s)
-        except Exception as err:  # noqa: BLE001 - the hub raises many kinds; we report them together
+        except Exception as err:
             errors.append(f"{s}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
     where = f"{DATA_DIR_ENV}={root}" if root else f"{DATA_DIR_ENV} is not set"
     wanted = " or ".join(spec.local[s] for s in candidates if s in spec.local) or "(no local layout)"

@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cal = CalibrationRequest("wikitext2", None, args.cal_nsamples, args.cal_seqlen, batch_size=4, seed=42)
     log(f"[3/6] SliceGPT at sparsity {args.sparsity} with {cal.nsamples} × {cal.seqlen} calibration tokens")
     report = compress(model, tok, "slicegpt", SliceGPTConfig(sparsity=args.sparsity), cal, progress=not args.quiet)
-    log(f"[4/6] perplexity of the compressed model")
+    log("[4/6] perplexity of the compressed model")
     nll1, _ = perplexity_of_windows(model, windows, progress=not args.quiet)
     log(f"[5/6] saving to {args.out} and reloading")
     info = {"title": "SmolLM2-135M-Instruct, SliceGPT (slicekit demo)", "method": "slicegpt", "base_model": args.model,

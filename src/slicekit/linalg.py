@@ -102,11 +102,16 @@ def sqrt_and_inv_sqrt(gram: torch.Tensor, damping: float = 0.0) -> tuple[torch.T
 def ridge_leverage_scores(gram: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """``diag(C·(C + λI)⁻¹)`` with ``λ = ridge·mean(diag C)`` (relative, scale-free).
 
-    Computed from the eigendecomposition ``C = VΛVᵀ``: ``Σ_i V_ji² · λ_i / (λ_i + λ)``, which is
-    stable where forming the inverse is not.  Scores lie in [0, 1].
+    Computed as ``1 − λ·diag((C + λI)⁻¹)`` from a Cholesky factorisation (``C + λI`` is positive
+    definite), several times faster than an eigendecomposition; the eigendecomposition
+    ``Σ_i V_ji² · λ_i / (λ_i + λ)`` is the fallback.  Scores lie in [0, 1].
     """
     c = gram.double()
+    n = c.shape[0]
     lam = ridge * torch.diagonal(c).mean().clamp_min(torch.finfo(c.dtype).tiny)
+    chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(n, dtype=c.dtype, device=c.device))
+    if int(info) == 0:
+        return (1 - lam * torch.diagonal(torch.cholesky_inverse(chol))).clamp(0, 1)
     vals, vecs = torch.linalg.eigh(c)
     vals = vals.clamp_min(0)
     return (vecs.pow(2) * (vals / (vals + lam))[None, :]).sum(dim=1)
@@ -186,7 +191,8 @@ def select_qk_dims(scores: torch.Tensor, keep: int, rotary_dim: int = 0) -> torc
 
 
 def whitened_svd(gram: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, rank: int,
-                 damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 damping: float = 0.0, roots: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoDeGPT's value-output compression of one head (or one KV group), out × in convention.
 
     The head maps ``x ↦ W_o·W_v·x`` with ``w_v`` (d_h × D) and ``w_o`` (D' × d_h; for a GQA group
@@ -194,8 +200,10 @@ def whitened_svd(gram: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, rank:
     ``x``, the rank-``k`` ``M'`` minimising ``‖(W_o·W_v − M')·C^{1/2}‖_F`` comes from the SVD
     ``W_o·W_v·C^{1/2} = UΣVᵀ``: returns ``W_v' = V_kᵀ·C^{-1/2}`` (k × D) and ``W_o' = U_k·Σ_k``
     (D' × k).  This is methods.md's ``C^{1/2}·W_V·W_O`` in math convention, transposed.
+    ``roots``: ``sqrt_and_inv_sqrt(gram, damping)`` when already computed (all heads of a layer
+    share the input, hence the roots).
     """
-    root, inv_root = sqrt_and_inv_sqrt(gram, damping)
+    root, inv_root = roots if roots is not None else sqrt_and_inv_sqrt(gram, damping)
     m = w_o.double().to(root.device) @ w_v.double().to(root.device)
     u, s, vh = torch.linalg.svd(m @ root, full_matrices=False)
     k = int(rank)

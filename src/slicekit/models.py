@@ -52,7 +52,7 @@ def resolve_model(spec: str) -> ModelSource:
         found = importlib.util.find_spec(package)  # find_spec does not import (the package's own imports need extras)
         if found is None or not found.submodule_search_locations:
             raise SlicekitError(f"model alias {spec!r} needs the package {package.replace('_', '-')}: run `{install}`")
-        directory = list(found.submodule_search_locations)[0]
+        directory = next(iter(found.submodule_search_locations))
         if not os.path.isfile(os.path.join(directory, filename)):
             raise SlicekitError(f"{filename} is missing from the installed {package} package; reinstall it: `{install}`")
         return ModelSource("alias", directory, filename, spec)

@@ -37,7 +37,7 @@ class Measurement:
                 "cuda_peak_mib": self.cuda_peak / 2**20}
 
 
-class measure:  # noqa: N801 - used as a context manager
+class measure:
     """``with measure() as m: ...`` → ``m.seconds``, ``m.rss_peak`` … (sampling every 5 ms)."""
 
     def __init__(self, interval: float = 0.005) -> None:

@@ -59,11 +59,6 @@ class Plan:
     budget: list[float]          # decoder parameters each layer should lose
     neuron_cost: list[int]
     group_cost: list[int]
-    attention_note: str | None = None
-
-    def removed(self) -> int:
-        return sum(p.groups * gc + p.neurons * nc
-                   for p, gc, nc in zip(self.layers, self.group_cost, self.neuron_cost, strict=True))
 
 
 def plan_layers(model: nn.Module, spec: ArchSpec, config: FASPConfig, fractions: list[float],

@@ -21,8 +21,9 @@ or query-key layer norms in Phi-2), only the MLP is compressed and it takes the 
 
 Choices beyond the paper (documented, measured in benchmarks/modegpt.py):
 
-- the value bias (Qwen2, OPT, Phi-2) is folded into the output bias first (attention rows sum to
-  one), so the value projection is a pure linear map for the SVD;
+- the value bias (Qwen2, OPT, Phi-2) of a layer whose value-output pair is compressed is folded
+  into the output bias first (attention rows sum to one), so the value projection is a pure
+  linear map for the SVD;
 - with *partial* rotary embeddings (Phi-2) all heads of a layer keep the same dimension set
   (scores summed over all heads), so that every head has the same number of rotated dims; with
   full rotary (Llama family) or none (OPT) each KV group chooses its own set;
@@ -42,7 +43,14 @@ from torch import nn
 from slicekit.arch import ArchSpec, attention_info, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, LayerStep
 from slicekit.errors import SlicekitError
-from slicekit.linalg import cr_scores, lstsq_restore, nystrom_select, select_qk_dims, whitened_svd
+from slicekit.linalg import (
+    cr_scores,
+    lstsq_restore,
+    nystrom_select,
+    select_qk_dims,
+    sqrt_and_inv_sqrt,
+    whitened_svd,
+)
 from slicekit.methods import CompressionContext, CompressionResult
 from slicekit.methods.modegpt.config import MoDeGPTConfig
 from slicekit.modeling_slicekit import ReducedAttention
@@ -102,6 +110,7 @@ class UnitCosts:
     qk: int
     vo: int
     rotary_dim: int
+    vo_fold: int = 0  # parameters the value-bias fold removes (value bias − new output bias)
 
     def keeps(self, rho: float) -> tuple[int, int, int]:
         keep = 1.0 - rho
@@ -119,7 +128,7 @@ class UnitCosts:
     def removed(self, rho: float) -> int:
         mlp, qk, vo = self.keeps(rho)
         return ((self.mlp_width - mlp) * self.mlp + (self.head_dim - qk) * self.qk
-                + (self.head_dim - vo) * self.vo)
+                + (self.head_dim - vo) * self.vo + (self.vo_fold if vo < self.head_dim else 0))
 
 
 def _rows_cost(lin: nn.Module, rows_per_unit: int) -> int:
@@ -134,7 +143,7 @@ def unit_costs(layer: nn.Module, spec: ArchSpec, geo: AttentionGeometry | None, 
     mlp = 0
     if "mlp" in modules:
         mlp = sum(_rows_cost(layer.get_submodule(n), b.mlp_up_fused) for n in b.mlp_up) + int(linear_weight(down).shape[0])
-    qk = vo = 0
+    qk = vo = fold = 0
     head_dim, rot = 1, 0
     if geo is not None:
         attn = layer.get_submodule(geo.path)
@@ -142,8 +151,12 @@ def unit_costs(layer: nn.Module, spec: ArchSpec, geo: AttentionGeometry | None, 
         if "qk" in modules:
             qk = (_rows_cost(getattr(attn, geo.q), geo.num_heads) + _rows_cost(getattr(attn, geo.k), geo.num_kv_heads))
         if "vo" in modules:
-            vo = _rows_cost(getattr(attn, geo.v), geo.num_kv_heads) + geo.num_heads * int(linear_weight(getattr(attn, geo.o)).shape[0])
-    return UnitCosts(width, mlp, head_dim, qk, vo, rot)
+            v, o = getattr(attn, geo.v), getattr(attn, geo.o)
+            out_dim = int(linear_weight(o).shape[0])
+            vo = geo.num_kv_heads * int(linear_weight(v).shape[1]) + geo.num_heads * out_dim  # value bias folded away
+            if v.bias is not None:
+                fold = geo.num_kv_heads * geo.head_dim - (out_dim if o.bias is None else 0)
+    return UnitCosts(width, mlp, head_dim, qk, vo, rot, fold)
 
 
 def fold_value_bias(attn: nn.Module, geo: AttentionGeometry) -> None:
@@ -209,10 +222,11 @@ class ModularDecomposition:
         wv, wo = linear_weight(v).double(), linear_weight(o).double()
         out_dim = wo.shape[0]
         new_v, new_o = [], [None] * g.num_heads
+        roots = sqrt_and_inv_sqrt(gram, self.config.damping)
         for j in range(g.num_kv_heads):
             heads = range(j * grp, (j + 1) * grp)
             stacked = torch.cat([wo[:, h * d:(h + 1) * d] for h in heads], dim=0)
-            a, bmat = whitened_svd(gram, wv[j * d:(j + 1) * d], stacked, rank, self.config.damping)
+            a, bmat = whitened_svd(gram, wv[j * d:(j + 1) * d], stacked, rank, roots=roots)
             new_v.append(a)
             for n, h in enumerate(heads):
                 new_o[h] = bmat[n * out_dim:(n + 1) * out_dim]
@@ -236,6 +250,7 @@ class ModularDecomposition:
             qk_dim = plan.qk_keep
             rot = int((index[0] < g.rotary_dim).sum())
         if do_vo:
+            fold_value_bias(attn, g)
             self._vo(attn, obs.grams[points["v"]].matrix, plan.vo_rank)
         spec = {"q": g.q, "k": g.k, "v": g.v, "o": g.o, "num_heads": g.num_heads, "num_kv_heads": g.num_kv_heads,
                 "qk_dim": qk_dim, "v_dim": plan.vo_rank if do_vo else g.head_dim, "rotary_dim": rot,
@@ -317,9 +332,6 @@ def compress(model: nn.Module, calibration: list[torch.Tensor], config: MoDeGPTC
     geo = attention_geometry(model, spec)
     if geo is not None and not ({"qk", "vo"} & modules):
         geo = None
-    if geo is not None and "vo" in modules:
-        for layer in layers:
-            fold_value_bias(layer.get_submodule(geo.path), geo)
     skipped = sorted({"qk", "vo"} & modules) if geo is None else []
     if modules - set(skipped) == set():
         raise SlicekitError(f"{model.config.model_type}: none of the modules {config.modules!r} can be compressed")
@@ -330,8 +342,7 @@ def compress(model: nn.Module, calibration: list[torch.Tensor], config: MoDeGPTC
             from slicekit.scores import layer_scores
 
             scores = layer_scores(model, calibration, device=ctx.device, progress=ctx.progress)
-        folded = count_parameters(model, spec)["decoder"]
-        target = round(config.sparsity * original["decoder"]) - (original["decoder"] - folded)
+        target = round(config.sparsity * original["decoder"])
         plans, mean = plan_layers(costs, n_layers, target, config, scores)
     else:
         if len(fractions) != n_layers:
