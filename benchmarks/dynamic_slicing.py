@@ -36,8 +36,14 @@ from slicekit.models import count_parameters, load_model
 from slicekit.pipeline import CalibrationRequest, calibration_batches
 from slicekit.plots import layer_widths_png
 from slicekit.profiling import measure
-from slicekit.schedules import resolve_schedule, round_width, widths_from_fractions
-from slicekit.scores import layer_scores
+from slicekit.schedules import (
+    fractions_of,
+    resolve_schedule,
+    round_to_total,
+    round_width,
+    widths_from_fractions,
+)
+from slicekit.scores import LayerScores, layer_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,12 +62,63 @@ def _machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
+def width_params(model, widths: list[int], head_width: int) -> int:
+    """The part of a SliceGPT-compressed model's parameter count that depends on the residual
+    widths (``widths[l]`` = input width of layer ``l``, its mid interface too), read off the
+    original model's module shapes: embeddings ``E·d_0``; readers ``out·d_l``; writers
+    ``(in + bias)·d_out``; shortcuts ``d_l·d_mid + d_mid·d_(l+1)`` (sequential) or ``d_l·d_(l+1)``
+    (parallel).  The rest of the count is a constant, calibrated on a real compressed model."""
+    from slicekit.arch import get_arch, linear_weight
+
+    spec = get_arch(model.config)
+    b = spec.block
+    total = sum(e.num_embeddings for e in spec.embeddings(model)) * widths[0]
+    layers = spec.layer_list(model)
+    for i, layer in enumerate(layers):
+        d_in = widths[i]
+        d_out = widths[i + 1] if i + 1 < len(layers) else head_width
+
+        def reads(names, layer=layer):
+            return sum(linear_weight(layer.get_submodule(n)).shape[0] for n in names)
+
+        def writes(name, layer=layer):
+            lin = layer.get_submodule(name)
+            return linear_weight(lin).shape[1] + (1 if getattr(lin, "bias", None) is not None else 0)
+
+        if b.parallel:
+            total += reads(b.attn_readers + b.mlp_readers) * d_in
+            total += (writes(b.attn_writer) + writes(b.mlp_writer)) * d_out + d_in * d_out
+        else:
+            total += (reads(b.attn_readers) + reads(b.mlp_readers) + writes(b.attn_writer)) * d_in
+            total += writes(b.mlp_writer) * d_out + d_in * d_in + d_in * d_out
+    return total
+
+
+def matched_widths(model, fractions: list[float], budget: int, offset: int, head_width: int, multiple: int,
+                   cap: float) -> tuple[list[int], int]:
+    """The largest total width (in steps of ``multiple``) whose largest-remainder rounding of
+    ``fractions`` has at most ``budget`` parameters (``offset`` + :func:`width_params`)."""
+    full = model.config.hidden_size
+    total = sum(widths_from_fractions(full, fractions, multiple))
+    while True:
+        widths = round_to_total(fractions, full, total, multiple, cap)
+        count = offset + width_params(model, widths, head_width)
+        if count <= budget:
+            return widths, count
+        total -= multiple
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--slice-bases", default="0.05,0.15,0.20")
     p.add_argument("--modegpt-epsilons", default="", help="also MoDeGPT's allocation at these ε (comma list)")
+    p.add_argument("--matched-slice-bases", default="",
+                   help="also dynamic slicing at these slice bases with the total width lowered until the real "
+                        "parameter count is at most the constant schedule's (comma list)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the dense result, layer scores and finished runs of an existing --out file")
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--cal-dataset", default="wikitext2")
     p.add_argument("--cal-split", default="validation")
@@ -88,13 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     windows = eval_windows(tok, test, args.eval_seqlen, args.eval_windows)
     log(f"calibration: {cal_desc}; evaluation: {windows.shape[0]} × {args.eval_seqlen} of {test.description}")
 
-    t = time.perf_counter()
-    nll, ntok = perplexity_of_windows(model, windows, progress=progress)
-    dense = {"ppl": math.exp(nll), "params": count_parameters(model), "seconds": time.perf_counter() - t}
-    log(f"dense: ppl {dense['ppl']:.3f} ({dense['seconds']:.0f} s)")
-    t = time.perf_counter()
-    scores = layer_scores(model, batches, progress=progress)
-    score_seconds = time.perf_counter() - t
+    previous = None
+    if args.resume and os.path.isfile(args.out):
+        with open(args.out) as fh:
+            previous = json.load(fh)
+        if previous["settings"]["calibration"] != cal_desc:
+            raise SystemExit(f"--resume: {args.out} was calibrated on {previous['settings']['calibration']}")
+    if previous is not None:
+        dense, ntok = previous["dense"], windows.shape[0] * (args.eval_seqlen - 1)
+        scores = LayerScores.from_lr(previous["settings"]["layer_scores"]["lr"])
+        score_seconds = previous["settings"]["layer_scores"]["seconds"]
+        log(f"resuming {args.out}: {len(previous['runs'])} finished runs")
+    else:
+        t = time.perf_counter()
+        nll, ntok = perplexity_of_windows(model, windows, progress=progress)
+        dense = {"ppl": math.exp(nll), "params": count_parameters(model), "seconds": time.perf_counter() - t}
+        log(f"dense: ppl {dense['ppl']:.3f} ({dense['seconds']:.0f} s)")
+        t = time.perf_counter()
+        scores = layer_scores(model, batches, progress=progress)
+        score_seconds = time.perf_counter() - t
     log(f"layer scores ({score_seconds:.0f} s): LR {[round(v, 4) for v in scores.lr]}")
 
     runs: list[tuple[str, SliceGPTConfig]] = [("constant", SliceGPTConfig(sparsity=args.sparsity, round_to=args.round_to))]
@@ -105,8 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((f"modegpt ε={eps:g}", SliceGPTConfig(sparsity=args.sparsity, round_to=args.round_to,
                                                           schedule="modegpt", epsilon=eps)))
 
+    for sb in [float(x) for x in args.matched_slice_bases.split(",") if x]:
+        runs.append((f"dynamic SB={sb:g}, params-matched", SliceGPTConfig(
+            sparsity=args.sparsity, round_to=args.round_to, schedule="dynamic", slice_base=sb)))
+
     n_layers = len(scores.lr)
     rows, widths_by_run, details = [], {}, []
+    for d in (previous or {}).get("runs", []):
+        p_ = d["params"]
+        rows.append((d["name"], sum(d["widths"]) / n_layers, d["ppl"], p_["total"], p_["non_embedding"],
+                     p_["decoder"], d["compress_seconds"]))
+        widths_by_run[d["name"]] = d["widths"]
+        details.append(d)
     settings = {
         "model": args.model, "hidden_size": hidden, "layers": n_layers, "sparsity": args.sparsity,
         "round_to": args.round_to, "calibration": cal_desc, "calibration_batch_size": args.cal_batch_size,
@@ -179,9 +258,19 @@ def main(argv: list[str] | None = None) -> int:
             fh.write(png)
 
     for name, cfg in runs:
+        if name in widths_by_run:
+            continue
         fractions = resolve_schedule(cfg.schedule, cfg.sparsity, n_layers, scores=scores, slice_base=cfg.slice_base,
                                      epsilon=cfg.epsilon, cap=cfg.max_layer_sparsity, full_width=hidden,
                                      multiple=cfg.round_to)
+        predicted = None
+        if name.endswith("params-matched"):
+            const = details[0]
+            assert const["name"] == "constant", "the constant run comes first"
+            offset = const["params"]["total"] - width_params(model, const["widths"], hidden)
+            widths, predicted = matched_widths(model, fractions, const["params"]["total"], offset, hidden,
+                                               cfg.round_to, cfg.max_layer_sparsity)
+            fractions = fractions_of(widths, hidden)
         m = copy.deepcopy(model)
         with measure() as meas:
             result = slicegpt_compress(m, batches, cfg, CompressionContext(progress=progress), fractions=fractions)
@@ -191,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         nll, _ = perplexity_of_windows(m, windows, progress=progress)
         ppl = math.exp(nll)
         params = count_parameters(m)
+        if predicted is not None:
+            assert predicted == params["total"], (predicted, params["total"])
         widths_by_run[name] = widths
         rows.append((name, sum(widths) / n_layers, ppl, params["total"], params["non_embedding"], params["decoder"],
                      meas.seconds))

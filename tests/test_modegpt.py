@@ -196,6 +196,7 @@ def test_cli_compress(tmp_path, data_dir):
     assert any(isinstance(m, ReducedAttention) for m in loaded.modules())
 
 
+@pytest.mark.slow
 def test_smollm2_quarter_of_decoder_removed(smollm2, data_dir):
     """The real model (9 heads, 3 KV heads, GQA): small calibration, the target is met and the
     model still predicts text better than chance by a wide margin."""

@@ -156,6 +156,7 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, shape: dict[str, A
         raise SlicekitError(f"output path {directory} exists and is not a directory")
     shape = shape if shape is not None else describe(model)
     info = dict(info or {})
+    _remove_stale(directory)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         vanilla = vanilla_config(model, shape) if allow_vanilla else None
@@ -197,6 +198,24 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, shape: dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return fmt
+
+
+def _remove_stale(directory: str, min_age_s: float = 3600.0) -> None:
+    """Delete temporary siblings an interrupted save left behind (hidden, never complete-looking),
+    once they are old enough not to belong to a save still running."""
+    import glob
+    import time
+
+    base = os.path.basename(directory)
+    olds = sorted(glob.glob(os.path.join(os.path.dirname(directory), f".{base}.old-*")), key=os.path.getmtime)
+    if olds and not os.path.exists(directory):  # killed between the two renames: restore the old output
+        os.rename(olds.pop(), directory)
+    for path in glob.glob(os.path.join(os.path.dirname(directory), f".{base}.tmp-*")) + olds:
+        try:
+            if time.time() - os.path.getmtime(path) > min_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _swap_into_place(tmp: str, directory: str) -> None:

@@ -31,7 +31,7 @@ def _norm_params(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | N
 def _fold(norm: nn.Module, readers: list[nn.Module]) -> float:
     gamma, beta, eps = _norm_params(norm)
     for lin in readers:
-        w, b = fold_scale_into_readers(linear_weight(lin), linear_bias(lin), gamma, beta)
+        w, b = fold_scale_into_readers(linear_weight(lin), linear_bias(lin), gamma, beta, out_dtype=lin.weight.dtype)
         set_linear(lin, w, b)
     return eps
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+CHUNK_ROWS = 4096  # float64 work on big tables (embeddings, LM head) in slices of this many rows
+
 
 def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """``G + damping·mean(diag G)·I`` — relative damping, scale-free."""
@@ -29,20 +31,26 @@ def pca_from_gram(gram: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tens
 
 
 def fold_scale_into_readers(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
-                            beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            beta: torch.Tensor | None, out_dtype: torch.dtype | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold a norm's affine output ``n·γ + β`` into a linear that reads it.
 
     ``W·(n∘γ + β) + b = (W·diag γ)·n + (b + W·β)``; returns the new weight and bias (the bias is
-    created when ``β`` is given and the linear had none).
+    created when ``β`` is given and the linear had none).  Float64 arithmetic, a slice of rows at
+    a time; the weight is returned in ``out_dtype`` (default float64), the bias in float64.
     """
-    w = weight.double()
+    out = torch.empty(weight.shape, dtype=out_dtype or torch.float64, device=weight.device)
     new_b = None if bias is None else bias.double()
-    if beta is not None:
-        extra = w @ beta.double()
+    extra = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if beta is not None else None
+    g = None if gamma is None else gamma.double()[None, :]
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        w = weight[start : start + CHUNK_ROWS].double()
+        if extra is not None:
+            extra[start : start + CHUNK_ROWS] = w @ beta.double()
+        out[start : start + CHUNK_ROWS] = w * g if g is not None else w
+    if extra is not None:
         new_b = extra if new_b is None else new_b + extra
-    if gamma is not None:
-        w = w * gamma.double()[None, :]
-    return w, new_b
+    return out, new_b
 
 
 def center_writer(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,16 +71,24 @@ def center_rows(table: torch.Tensor) -> torch.Tensor:
     return t - t.mean(dim=1, keepdim=True)
 
 
-def rotate_reader(weight: torch.Tensor, q: torch.Tensor, width: int) -> torch.Tensor:
-    """A linear that reads the stream ``x`` now reads ``x·Q[:, :d]``: ``W ← W·Q[:, :d]``."""
-    return weight.double() @ q[:, :width].double()
+def rotate_reader(weight: torch.Tensor, q: torch.Tensor, width: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A linear that reads the stream ``x`` now reads ``x·Q[:, :d]``: ``W ← W·Q[:, :d]``.
+
+    Computed in float64 a slice of rows at a time (a 49k-row LM head would otherwise need two
+    float64 copies at once); returned in ``out_dtype`` (default float64).
+    """
+    qd = q[:, :width].double().to(weight.device)
+    out = torch.empty(weight.shape[0], width, dtype=out_dtype or torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        out[start : start + CHUNK_ROWS] = weight[start : start + CHUNK_ROWS].double() @ qd
+    return out
 
 
 def rotate_writer(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
                   width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear that writes the stream now writes its first ``d`` rotated coordinates:
     ``W ← Q[:, :d]ᵀ·W``, ``b ← Q[:, :d]ᵀ·b``."""
-    qd = q[:, :width].double()
+    qd = q[:, :width].double().to(weight.device)
     return qd.T @ weight.double(), (None if bias is None else qd.T @ bias.double())
 
 

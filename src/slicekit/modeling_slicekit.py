@@ -387,8 +387,8 @@ def load_weights(model: nn.Module, directory: str, device: str | torch.device = 
                 parent, name = _parent_and_name(model, key)
                 if owners[key] == "param":
                     old = parent._parameters[name]
-                    dtype = old.dtype if old.dtype.is_floating_point else tensor.dtype
-                    parent._parameters[name] = nn.Parameter(tensor.to(dtype), requires_grad=old.requires_grad)
+                    # the file's dtype is the truth (a bfloat16 checkpoint stays bfloat16 unless asked)
+                    parent._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
                 else:
                     persistent = name not in parent._non_persistent_buffers_set
                     parent.register_buffer(name, tensor, persistent=persistent)

@@ -57,7 +57,7 @@ def plan_widths(config: SliceGPTConfig, spec: ArchSpec, hidden: int, n_layers: i
 def _rotate_readers(layer: nn.Module, names, q: torch.Tensor, width: int) -> None:
     for name in names:
         lin = layer.get_submodule(name)
-        set_linear(lin, rotate_reader(linear_weight(lin), q, width))
+        set_linear(lin, rotate_reader(linear_weight(lin), q, width, out_dtype=lin.weight.dtype))
 
 
 def _rotate_writer(lin: nn.Module, q: torch.Tensor, width: int) -> None:
@@ -104,7 +104,7 @@ class RotateAndSlice:
         q = self._pca(gram)
         d0 = self.plan.attn_in[0]
         for emb in self.spec.embeddings(self.model):
-            new = (emb.weight.data.double() @ q[:, :d0].to(emb.weight.device)).to(emb.weight.dtype)
+            new = rotate_reader(emb.weight.data, q, d0, out_dtype=emb.weight.dtype)
             emb.weight = nn.Parameter(new.contiguous(), requires_grad=emb.weight.requires_grad)
             emb.embedding_dim = d0
         engine.map_inputs(lambda x: (x.double() @ q[:, :d0].to(x.device)).to(x.dtype))
@@ -144,7 +144,7 @@ class RotateAndSlice:
 
     def end(self, engine: CalibrationEngine) -> None:
         head = self.model.get_submodule(self.spec.head)
-        set_linear(head, rotate_reader(linear_weight(head), self.q.to(head.weight.device), self.width))
+        set_linear(head, rotate_reader(linear_weight(head), self.q, self.width, out_dtype=head.weight.dtype))
         parent, _, name = self.spec.final_norm.rpartition(".")
         old = self.model.get_submodule(self.spec.final_norm)
         setattr(self.model.get_submodule(parent), name, UnitRMSNorm(self.width, self.hidden, old.eps))
