@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = LayerScores.from_lr(previous["settings"]["layer_scores"]["lr"])
         score_seconds = previous["settings"]["layer_scores"]["seconds"]
         log(f"resuming {args.out}: {len(previous['runs'])} finished runs")
+        command = previous["command"] + " && " + command.strip()
     else:
         t = time.perf_counter()
         nll, ntok = perplexity_of_windows(model, windows, progress=progress)
@@ -222,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             "2048 from the training split) and 16 of the test windows; numbers are comparable with "
             "each other, not with published full-protocol perplexities.",
         ]
+        if any(r[0].endswith("params-matched") for r in rows):
+            notes.append("'params-matched' runs: the same dynamic fractions, with the total width lowered in "
+                         f"steps of {args.round_to} (largest-remainder rounding) until the real total parameter "
+                         "count is at most the constant schedule's; the count is predicted from the module "
+                         "shapes and asserted equal to the real count of the compressed model.")
         if not final:
             notes.insert(0, "PARTIAL: the run was still in progress when this file was written.")
         out = {

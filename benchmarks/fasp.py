@@ -122,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: slicegpt,modegpt,fasp_plain,fasp_heads")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: fasp,slicegpt,modegpt,fasp_plain,fasp_heads")
     p.add_argument("--out", default=str(RESULTS / "fasp.json"))
+    p.add_argument("--append", action="store_true",
+                   help="add rows to an existing --out written with the same settings (dense and earlier rows "
+                        "are reused, not re-measured); with --skip, run only the rows not skipped")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = {s for s in args.skip.split(",") if s}
@@ -135,12 +138,34 @@ def main(argv: list[str] | None = None) -> int:
     test = load_text("wikitext2", purpose="eval")
     windows = eval_windows(tok, test, args.eval_seqlen, args.eval_windows)
     dense_params = count_parameters(dense)
-    print(f"dense decoder {dense_params['decoder']:,}; evaluating", flush=True)
-    dense_ppl = evaluate(dense, windows)
-    print(f"dense ppl {dense_ppl:.3f}", flush=True)
+    previous = None
+    if args.append:
+        with open(args.out) as fh:
+            previous = json.load(fh)
+        for key in ("cal_nsamples", "cal_seqlen", "cal_batch_size", "eval_seqlen", "eval_windows", "seed", "model"):
+            if previous["settings"][key] != getattr(args, key, None) and key != "eval_windows":
+                raise SystemExit(f"--append: {key} differs from {args.out}")
+        dense_ppl = previous["raw"]["dense"]["ppl"]
+        print(f"dense ppl {dense_ppl:.3f} (from {args.out})", flush=True)
+    else:
+        print(f"dense decoder {dense_params['decoder']:,}; evaluating", flush=True)
+        dense_ppl = evaluate(dense, windows)
+        print(f"dense ppl {dense_ppl:.3f}", flush=True)
 
     rows: list[dict] = []
     notes: list[str] = []
+    commands = []
+    if previous is not None:
+        rows = previous["raw"]["rows"]
+        # files written before notes were stored in raw: all but the 3 protocol notes at the end
+        notes = previous["raw"].get("notes", previous["notes"][:-3])
+        commands = previous["raw"].get("commands", [previous["command"]])
+        for r in rows:  # name earlier FASP rows by the damping they ran with
+            damping = r["config"].get("damping")
+            if r["method"] == "fasp" and damping is not None and "damping" not in r["name"]:
+                r["name"] += f", damping {damping}"
+    this_command = "nice -n 5 python benchmarks/fasp.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    commands = [*commands, this_command]
     base_notes = [
         "SmolLM2-135M has 9 query heads in 3 KV groups per layer, so a KV group is a third of the attention; "
         "the default FASP rule removes floor(0.25 × 3) = 0 groups and takes the whole budget from the MLP",
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{r['ppl']:.2f}"])
         result = {
             "title": "FASP on SmolLM2-135M: perplexity and compression time at 25 % of decoder parameters",
-            "command": "nice -n 5 python benchmarks/fasp.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": " && ".join(commands),
             "date": dt.date.today().isoformat(),
             "machine": machine(),
             "settings": {"model": args.model, "sparsity": args.sparsity, "cal_nsamples": args.cal_nsamples,
@@ -171,18 +196,25 @@ def main(argv: list[str] | None = None) -> int:
                         "rows": table_rows}],
             "notes": notes + base_notes,
             "plots": [],
-            "raw": {"dense": {"params": dense_params, "ppl": dense_ppl}, "rows": rows},
+            "raw": {"dense": {"params": dense_params, "ppl": dense_ppl}, "rows": rows, "notes": notes,
+                    "commands": commands},
         }
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2, default=str)
         print(json.dumps(result["tables"], indent=1), flush=True)
 
-    rows.append(run("FASP", "fasp", FASPConfig(sparsity=args.sparsity, round_to=args.round_to), dense, tok, batches,
-                    windows, args))
-    fasp_decoder = rows[0]["params"]["decoder"]
-    fasp = rows[0]["summary"]
-    notes.append(f"FASP target {args.sparsity:.2%} of decoder parameters; achieved "
+    if "fasp" not in skip:
+        fasp_row = run("FASP", "fasp", FASPConfig(sparsity=args.sparsity, round_to=args.round_to), dense, tok,
+                       batches, windows, args)
+        if fasp_row["config"].get("damping") is None:
+            fasp_row["name"] = "FASP (default ridge δ = |S|/tokens)"
+        rows.append(fasp_row)
+    fasp_row = next(r for r in reversed(rows) if r["method"] == "fasp" and r["config"].get("restore", True)
+                    and r["config"].get("attention_sparsity") is None)
+    fasp_decoder = fasp_row["params"]["decoder"]
+    fasp = fasp_row["summary"]
+    notes.append(f"[{fasp_row['name']}] " + f"FASP target {args.sparsity:.2%} of decoder parameters; achieved "
                  f"{fasp['achieved_decoder_share']:.4%} ({d0:,} → {fasp_decoder:,}); attention: {fasp['attention']}; "
                  f"MLP widths {sorted(set(fasp['mlp_widths']))}, heads per layer "
                  f"{sorted({h for h in fasp['heads'] if h is not None})}")

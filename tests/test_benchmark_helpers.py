@@ -6,15 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tiny import ARCHS, tiny_inputs, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from common import slicegpt_decoder_params, slicegpt_sparsity_for_decoder_share  # noqa: E402
-
-from slicekit.methods import CompressionContext  # noqa: E402
-from slicekit.methods.slicegpt import SliceGPTConfig, compress  # noqa: E402
-from slicekit.models import count_parameters  # noqa: E402
+from common import slicegpt_decoder_params, slicegpt_sparsity_for_decoder_share
+from slicekit.methods import CompressionContext
+from slicekit.methods.slicegpt import SliceGPTConfig, compress
+from slicekit.models import count_parameters
 
 
 @pytest.mark.parametrize("arch", ARCHS)

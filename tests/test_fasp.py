@@ -135,6 +135,9 @@ def test_recorded_error_is_the_measured_output_error(restore):
                                                  if layer.mlp.down_proj.bias is not None else y0).pow(2).sum())
     rec = result.summary["layers"][0]
     assert measured == pytest.approx(rec["mlp_error"], rel=1e-3)
+    tokens = sum(batch.numel() for batch in cal)
+    if restore:  # default ridge: kept columns per calibration token
+        assert rec["mlp_damping"] == pytest.approx(rec["mlp_width"] / tokens)
     if restore:
         assert rec["mlp_error"] < 0.9 * rec["mlp_error_plain"]
     else:

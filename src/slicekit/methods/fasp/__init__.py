@@ -31,7 +31,10 @@ vanilla Hugging Face checkpoint).
 brief with the ridge anchored at the plain-removal weights instead of zero
 (:func:`slicekit.linalg.anchored_gram` + :func:`slicekit.linalg.lstsq_restore`), so that it is
 never worse than plain removal on the calibration data and is exact when nothing is removed.
-Biases of the second matrix are kept unchanged.
+δ defaults to ``(|S| / tokens)·mean(diag G[S,S])``: with few calibration tokens per kept column the
+plain least squares overfits (worse than plain removal on held-out text), so the ridge shrinks
+towards plain removal; with many tokens it vanishes.  Biases of the second matrix are kept
+unchanged.
 """
 
 from slicekit.methods import register_method

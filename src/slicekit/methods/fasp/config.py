@@ -20,7 +20,10 @@ class FASPConfig:
     ``attention_sparsity``: fraction of KV groups removed per layer (rounded to whole groups); by
     default each layer removes ``floor(share × groups)`` groups and the MLP removes the rest of
     the layer's budget.  ``round_to``: MLP widths removed in multiples of this.  ``damping``:
-    relative ridge of the least-squares restoration (towards the plain-removal weights).
+    relative ridge δ/mean(diag G[S,S]) of the least-squares restoration (towards the plain-removal
+    weights); ``None`` (default) = ``|S| / tokens``, kept columns per calibration token — the
+    least squares overfits when few tokens fit many columns (on SmolLM2-135M with 2 048 tokens,
+    0.01 was worse than plain removal on held-out text, 0.3–1 clearly better).
     ``restore``: least-squares restoration of the kept columns (off = plain removal).
     """
 
@@ -31,7 +34,7 @@ class FASPConfig:
     mlp_only: bool = False
     attention_sparsity: float | None = None
     round_to: int = 8
-    damping: float = 0.01
+    damping: float | None = None
     restore: bool = True
 
     def __post_init__(self) -> None:
@@ -42,7 +45,7 @@ class FASPConfig:
             raise SlicekitError("attention_sparsity > 0 contradicts mlp_only")
         if self.round_to < 1:
             raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
-        if self.damping < 0:
+        if self.damping is not None and self.damping < 0:
             raise SlicekitError(f"damping must be ≥ 0 (got {self.damping})")
         if not isinstance(self.schedule, str) or not self.schedule:
             raise SlicekitError("schedule must be a non-empty string")

@@ -138,10 +138,14 @@ class PruneAndRestore:
         g = gram.matrix
         keep = keep.to(g.device)
         plain = w[:, keep.to(w.device)]
-        new = lstsq_restore(w, anchored_gram(g, keep, self.config.damping), keep) if self.config.restore else plain
+        damping = self.config.damping
+        if damping is None:  # ridge ∝ kept columns per token: strong for few tokens, vanishing for many
+            damping = keep.numel() / max(gram.count, 1)
+        new = lstsq_restore(w, anchored_gram(g, keep, damping), keep) if self.config.restore else plain
         total = reconstruction_error(w, g, torch.arange(w.shape[1], device=g.device), torch.zeros_like(w))
         rec[f"{key}_error_plain"] = _rel(reconstruction_error(w, g, keep, plain), total)
         rec[f"{key}_error"] = _rel(reconstruction_error(w, g, keep, new), total)
+        rec[f"{key}_damping"] = damping if self.config.restore else None
         set_linear(lin, new.to(w.device), linear_bias(lin))
 
     # ------------------------------------------------------------ the two interlinked pairs

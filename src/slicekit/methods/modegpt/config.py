@@ -22,9 +22,11 @@ class MoDeGPTConfig:
     ``modules``: comma-separated subset of ``mlp,qk,vo`` to compress (the others keep their size
     and the rest take the whole budget); attention modules are skipped on families whose
     attention slicekit cannot narrow (fused q/k/v projections, query-key norms).
-    ``ridge``: λ of the ridge leverage scores relative to ``mean(diag C)``.
+    ``ridge``: λ of the ridge leverage scores relative to ``mean(diag C)`` (1.0: on SmolLM2-135M with
+    8 × 256 calibration tokens, 0.01 / 1 / 10 gave WikiText-2 perplexity 104 / 94 / 96 at 25 %).
     ``damping``: relative diagonal damping of the least-squares solve (MLP) and of the whitening
-    (value-output).
+    (value-output); in the same setting 0.001 instead of 0.01 gave 132 instead of 104 (ridge 0.01)
+    and 0.1 gave 102 instead of 94 (ridge 1).
     """
 
     VERSION: ClassVar[int] = 1
@@ -34,7 +36,7 @@ class MoDeGPTConfig:
     epsilon: float = DEFAULT_EPSILON
     max_layer_sparsity: float = DEFAULT_CAP
     modules: str = "mlp,qk,vo"
-    ridge: float = 1e-2
+    ridge: float = 1.0
     damping: float = 1e-2
 
     def __post_init__(self) -> None:

@@ -94,10 +94,13 @@ def attention_geometry(model: nn.Module, spec: ArchSpec) -> AttentionGeometry | 
 
 @dataclass
 class LayerPlan:
+    """Kept sizes of one layer: MLP neurons, query/key dims per head, value/output rank per head
+    (``None`` where the family's attention is not narrowed)."""
+
     sparsity: float
     mlp_keep: int
-    qk_keep: int
-    vo_rank: int
+    qk_keep: int | None
+    vo_rank: int | None
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,9 @@ def compress(model: nn.Module, calibration: list[torch.Tensor], config: MoDeGPTC
         if len(fractions) != n_layers:
             raise SlicekitError(f"{len(fractions)} fractions for {n_layers} layers")
         plans, mean = [LayerPlan(r, *costs.keeps(r)) for r in fractions], sum(fractions) / n_layers
+    if geo is None:
+        for p in plans:
+            p.qk_keep = p.vo_rank = None
     engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
     method = ModularDecomposition(spec, geo, plans, config)
     engine.run(method, desc="modegpt")
