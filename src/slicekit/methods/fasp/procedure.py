@@ -239,7 +239,8 @@ def compress(model: nn.Module, calibration: list[torch.Tensor], config: FASPConf
         "achieved_decoder_share": (before - after) / before,
         "decoder_params": {"original": before, "compressed": after},
         "layer_fractions": fractions,
-        "attention": "pruned by whole KV groups" if groups is not None else f"kept whole ({reason})",
+        "attention": (f"whole KV groups removed: {sum(p.groups for p in plan.layers)} in all" if groups is not None
+                      else f"kept whole ({reason})"),
         "mlp_widths": [r["mlp_width"] for r in method.records],
         "heads": [r.get("heads") for r in method.records],
         "layers": method.records,
