@@ -79,6 +79,8 @@ def main() -> None:
              f"{eval_windows(tok, load_text('wikitext2', purpose='eval'), args.eval_seqlen).shape[0]} windows",
              "target = share of decoder-layer parameters removed; achieved = real share (SliceGPT: the width whose "
              "real count incl. shortcut matrices is closest); totals include SliceGPT's untied LM head"]
+    if args.append and old.exists():  # keep the determinism check of an earlier run
+        notes += [n for n in json.loads(old.read_text()).get("notes", []) if n.startswith("determinism check")]
     if methods and "slicegpt" in methods:  # determinism: recompress one point and compare
         m = copy.deepcopy(dense)
         compress(m, tok, "slicegpt", method_config("slicegpt", m, 0.25), cal, progress=False, batches=batches)

@@ -193,3 +193,13 @@ def test_killed_save_leaves_previous_output_intact(tmp_path):
     loaded, _ = load(str(out))
     x = tiny_inputs()
     assert _rel(_logits(loaded, x), _logits(model, x)) <= 1e-6
+
+
+def test_counts_from_shape_respect_tied_embeddings():
+    """A model that keeps its tied head is counted once, as its real tensors are."""
+    from slicekit.models import count_parameters
+    from slicekit.shape import count_from_shape, describe
+
+    model = tiny_model("llama")  # tie_word_embeddings=True
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert count_from_shape(model.config, describe(model)) == count_parameters(model)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicekit.arch import ArchSpec
+from slicekit.profiling import release_memory
 
 # A capture point: "<module path relative to the layer>:input" or ":output"; "" is the layer itself.
 Point = str
@@ -113,13 +114,16 @@ class LayerStep:
 
     def forward(self, grams: Iterable[Point] = (), keep_outputs: bool = False,
                 observers: dict[Point, Callable[[int, torch.Tensor], None]] | None = None,
-                inputs: Sequence[torch.Tensor] | None = None) -> Observations:
+                inputs: Sequence[torch.Tensor] | None = None,
+                call: Callable[..., torch.Tensor] | None = None) -> Observations:
         """Run the layer on every calibration batch.
 
         ``grams``: capture points whose float64 Gram matrices to accumulate.
         ``observers``: capture point → ``fn(batch_index, tensor)`` for anything else.
         ``keep_outputs``: keep the layer outputs (offloaded) in the result.
         ``inputs``: run on these instead of the current layer inputs.
+        ``call``: ``call(layer, hidden, *args, **kwargs)`` instead of the layer's forward (e.g. half
+        a block); hooks on submodules still fire, a ``":output"`` point sees what it returns.
         """
         obs = Observations(grams={p: Gram() for p in grams}, outputs=[] if keep_outputs else None)
         observers = dict(observers or {})
@@ -133,7 +137,9 @@ class LayerStep:
         with self.engine.hooks(self.layer, callbacks), torch.no_grad():
             for b, hidden in enumerate(src):
                 batch_index[0] = b
-                out = self.engine.run_layer(self.index, b, hidden)
+                out = self.engine.run_layer(self.index, b, hidden, call)
+                for fn in callbacks.get(":output", []) if call is not None else ():
+                    fn(out)
                 if keep_outputs:
                     obs.outputs.append(self.engine.offload(out))
         return obs
@@ -235,9 +241,14 @@ class CalibrationEngine:
                     getattr(decoder, name).to(dev)
         self.layers = original
 
-    def run_layer(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+    def run_layer(self, index: int, batch: int, hidden: torch.Tensor,
+                  call: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         args, kwargs = self.layer_args[index][batch]
-        out = self.layers[index](hidden.to(self.device), *self.to_device(args), **self.to_device(kwargs))
+        layer = self.layers[index]
+        if call is not None:
+            out = call(layer, hidden.to(self.device), *self.to_device(args), **self.to_device(kwargs))
+        else:
+            out = layer(hidden.to(self.device), *self.to_device(args), **self.to_device(kwargs))
         return out[0] if isinstance(out, tuple) else out
 
     def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -247,6 +258,7 @@ class CalibrationEngine:
     # ---------------------------------------------------------------- the loop
     def run(self, method: Method, desc: str = "layers") -> None:
         layer_device = {}
+        release_memory()
         method.begin(self)
         for i in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress, leave=False):
             layer = self.layers[i]
@@ -255,7 +267,9 @@ class CalibrationEngine:
             step = LayerStep(self, i)
             method.process_layer(step)
             step.finish()
+            del step
             self.layers[i].to(layer_device[i])
+            release_memory()
         method.end(self)
 
     def observe(self, grams: Iterable[Point] = (), observers: dict | None = None, desc: str = "observe"):

@@ -112,18 +112,28 @@ class ResidualBlock(nn.Module):
             h = getattr(self, name)(h)
         return h
 
+    def attn_half(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Sequential blocks: the stream after the attention residual, ``x·S_attn + attn(norm(x))``."""
+        x = hidden_states
+        attn_out = getattr(self, self.attn_name)(getattr(self, self.attn_norm_name)(x), *args, **kwargs)
+        if isinstance(attn_out, tuple):
+            attn_out = attn_out[0]
+        return self._shortcut(x, self.attn_shortcut) + attn_out
+
+    def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Sequential blocks: ``h·S_mlp + mlp(norm(h))`` on the stream after attention."""
+        return self._shortcut(hidden_states, self.mlp_shortcut) + self._mlp(getattr(self, self.mlp_norm_name)(hidden_states))
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.parallel:
+            return self.mlp_half(self.attn_half(hidden_states, *args, **kwargs))
         x = hidden_states
         h = getattr(self, self.attn_norm_name)(x)
         attn_out = getattr(self, self.attn_name)(h, *args, **kwargs)
         if isinstance(attn_out, tuple):
             attn_out = attn_out[0]
-        if self.parallel:
-            h_mlp = h if self.mlp_norm_name is None else getattr(self, self.mlp_norm_name)(x)
-            return self._shortcut(x, self.attn_shortcut) + attn_out + self._mlp(h_mlp)
-        x = self._shortcut(x, self.attn_shortcut) + attn_out
-        mlp_out = self._mlp(getattr(self, self.mlp_norm_name)(x))
-        return self._shortcut(x, self.mlp_shortcut) + mlp_out
+        h_mlp = h if self.mlp_norm_name is None else getattr(self, self.mlp_norm_name)(x)
+        return self._shortcut(x, self.attn_shortcut) + attn_out + self._mlp(h_mlp)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

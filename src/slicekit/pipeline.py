@@ -17,7 +17,7 @@ from torch import nn
 from slicekit.data import load_text, sample_calibration
 from slicekit.methods import CompressionContext, CompressionResult, config_to_dict, get_method
 from slicekit.models import count_parameters
-from slicekit.profiling import Measurement, measure
+from slicekit.profiling import Measurement, limit_heap_retention, measure, release_memory
 
 
 @dataclass
@@ -66,6 +66,8 @@ def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: Calibra
         batches, description = calibration_batches(tokenizer, cal)
     ctx = CompressionContext(device=torch.device(device), batch_size=cal.batch_size, progress=progress)
     torch.manual_seed(cal.seed)
+    limit_heap_retention()
+    release_memory(collect=True)
     with measure() as m:
         result = entry.compress(model, batches, config, ctx)
     after = count_parameters(model)

@@ -79,7 +79,16 @@ def _set_shortcut(block: ResidualBlock, key: str, mat: torch.Tensor | None) -> N
 
 def _project(outputs: list[torch.Tensor], q: torch.Tensor, width: int) -> list[torch.Tensor]:
     qd = q[:, :width]
-    return [(o.double() @ qd.to(o.device)).to(o.dtype) for o in outputs]
+    # In the activations' dtype, as the reference does: the rotation itself came from float64 PCA.
+    return [o @ qd.to(device=o.device, dtype=o.dtype) for o in outputs]
+
+
+def _attn_half(layer: ResidualBlock, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer.attn_half(hidden, *args, **kwargs)
+
+
+def _mlp_half(layer: ResidualBlock, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return layer.mlp_half(hidden)
 
 
 class RotateAndSlice:
@@ -121,16 +130,24 @@ class RotateAndSlice:
             _set_norm(layer, b.mlp_norm, d_in, hidden)
         # Until this layer's output rotation is known, the residual maps back to the original basis.
         _set_shortcut(layer, "attn_shortcut", q_in[:, :d_in].T)
+        inputs = None
         if not b.parallel:
-            obs = step.forward(grams=[f"{b.mlp_norm}:input"])
-            q_mid = self._pca(obs.grams[f"{b.mlp_norm}:input"])
+            # One pass over each half of the block instead of two passes over the whole block: the
+            # stream after the attention residual is kept, and after the mid rotation it is simply
+            # projected (writer and shortcut both pick up exactly Q_mid[:, :d_mid]).
+            obs = step.forward(grams=[":output"], keep_outputs=True, call=_attn_half)
+            q_mid = self._pca(obs.grams[":output"])
             d_mid = self.plan.mlp_in[i]
             _rotate_writer(layer.get_submodule(b.attn_writer), q_mid, d_mid)
             _set_shortcut(layer, "attn_shortcut", shortcut(q_in, d_in, q_mid, d_mid))
             _rotate_readers(layer, b.mlp_readers, q_mid, d_mid)
             _set_norm(layer, b.mlp_norm, d_mid, hidden)
             _set_shortcut(layer, "mlp_shortcut", q_mid[:, :d_mid].T)
-        obs = step.forward(grams=[":output"], keep_outputs=True)
+            inputs = _project(obs.outputs, q_mid, d_mid)
+            del obs
+        obs = step.forward(grams=[":output"], keep_outputs=True, inputs=inputs,
+                           call=None if b.parallel else _mlp_half)
+        del inputs
         q_out = self._pca(obs.grams[":output"])
         if b.parallel:
             for name in (b.attn_writer, b.mlp_writer):
