@@ -82,13 +82,13 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"evaluation:  {windows.shape[0]} windows × {args.eval_seqlen} tokens of {test.description} "
           f"({ntok} tokens scored; the full test set has more — see benchmarks/RESULTS.md)")
     print()
-    print(f"| {'':<26} | {'original':>13} | {'compressed':>13} | {'ratio':>6} |")
-    print(f"|{'-' * 28}|{'-' * 15}|{'-' * 15}|{'-' * 8}|")
-    print(f"| {'WikiText-2 perplexity':<26} | {result['ppl_original']:>13.3f} | {result['ppl_compressed']:>13.3f} | "
+    print(f"| {'':<27} | {'original':>13} | {'compressed':>13} | {'ratio':>6} |")
+    print(f"|{'-' * 29}|{'-' * 15}|{'-' * 15}|{'-' * 8}|")
+    print(f"| {'WikiText-2 perplexity':<27} | {result['ppl_original']:>13.3f} | {result['ppl_compressed']:>13.3f} | "
           f"{result['ppl_compressed'] / result['ppl_original']:>6.3f} |")
     for k, label in (("total", "parameters (total)"), ("non_embedding", "parameters (no embeddings)"),
                      ("decoder", "parameters (decoder layers)")):
-        print(f"| {label:<26} | {po[k]:>13,} | {pc[k]:>13,} | {pc[k] / po[k]:>6.3f} |")
+        print(f"| {label:<27} | {po[k]:>13,} | {pc[k]:>13,} | {pc[k] / po[k]:>6.3f} |")
     print()
     print(f"compression: {report.measurement.seconds:.1f} s, peak RSS {report.measurement.rss_peak / 2**20:.0f} MiB")
     print(f"saved to {args.out} ({fmt} format); reloaded with slicekit.load, max relative logit error {rel:.1e}")
