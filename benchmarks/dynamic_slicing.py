@@ -21,12 +21,10 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
-import torch
-
+from common import machine
 from slicekit.data import load_text
 from slicekit.evaluate import eval_windows, perplexity_of_windows
 from slicekit.methods import CompressionContext, config_to_dict
@@ -46,20 +44,6 @@ from slicekit.schedules import (
 from slicekit.scores import LayerScores, layer_scores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores (shared), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def width_params(model, widths: list[int], head_width: int) -> int:
@@ -235,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.sparsity:g})",
             "command": command.strip(),
             "date": datetime.date.today().isoformat(),
-            "machine": _machine(),
+            "machine": machine(),
             "settings": settings,
             "tables": [
                 {"title": f"WikiText-2 test perplexity and real parameter counts (dense: ppl "

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from common import machine, slicegpt_decoder_params
 from slicekit.data import load_text, sample_calibration
 from slicekit.evaluate import eval_windows, perplexity_of_windows
 from slicekit.methods.fasp import FASPConfig
@@ -41,48 +41,6 @@ from slicekit.models import count_parameters, load_model
 from slicekit.pipeline import CalibrationRequest, compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible (shared), Linux {platform.release()}, torch {torch.__version__}"
-
-
-def slicegpt_decoder_count(dense, width: int) -> int:
-    """Real decoder parameters of SliceGPT at residual width ``width`` (shortcuts included), from
-    shapes alone on a meta-device copy: every interface ``width`` wide except the last layer's
-    output, which stays the full hidden width (SliceGPT's default ``slice_head=False``).
-    Checked against the measured count of the SliceGPT run."""
-    from slicekit.arch import get_arch, linear_weight, set_linear
-
-    spec = get_arch(dense.config)
-    b = spec.block
-    hidden = dense.config.hidden_size
-    with torch.device("meta"):
-        model = type(dense)(copy.deepcopy(dense.config))
-    layers = spec.layer_list(model)
-    total = 0
-    for i, layer in enumerate(layers):
-        out = width if i + 1 < len(layers) else hidden
-        for name in b.attn_readers + b.mlp_readers:
-            lin = layer.get_submodule(name)
-            set_linear(lin, linear_weight(lin)[:, :width])
-        writers = {b.attn_writer: out if b.parallel else width, b.mlp_writer: out}
-        for name, rows in writers.items():
-            lin = layer.get_submodule(name)
-            set_linear(lin, linear_weight(lin)[:rows], None if lin.bias is None else lin.bias[:rows])
-        n = sum(p.numel() for name, p in layer.named_parameters() if "norm" not in name.split(".")[0])
-        shortcuts = width * out if b.parallel else width * width + width * out
-        total += n + shortcuts
-    return total
 
 
 def evaluate(model, windows) -> float:
@@ -221,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     write()
     if "slicegpt" not in skip:
         hidden = dense.config.hidden_size
-        cands = {d: slicegpt_decoder_count(dense, d) for d in range(args.round_to, hidden + 1, args.round_to)}
+        cands = {d: slicegpt_decoder_params(dense, d) for d in range(args.round_to, hidden + 1, args.round_to)}
         width = min(cands, key=lambda d: abs(cands[d] - fasp_decoder))
         sg_sparsity = 1 - width / hidden
         print(f"SliceGPT width {width} (sparsity {sg_sparsity:.4f}): predicted decoder {cands[width]:,} "

@@ -16,16 +16,12 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from slicekit.arch import get_arch, linear_weight
+from common import machine, slicegpt_decoder_params
 from slicekit.data import load_text, sample_calibration
 from slicekit.evaluate import eval_windows, perplexity_of_windows
 from slicekit.methods.modegpt import MoDeGPTConfig
@@ -34,38 +30,6 @@ from slicekit.models import count_parameters, load_model
 from slicekit.pipeline import CalibrationRequest, clone_model, compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible (shared), {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
-
-
-def slicegpt_decoder_params(model, width: int) -> int:
-    """SliceGPT's real decoder parameter count at a constant residual width ``width`` (sequential
-    pre-norm blocks without biases, as Llama): every reader keeps ``width`` input columns, every
-    writer ``width`` output rows, two ``width × width`` shortcuts per layer, weightless norms —
-    except that the last layer writes the full width ``D`` (the head is not sliced by default), so
-    its MLP writer has ``D`` rows and its MLP shortcut is ``width × D``.  Checked against the
-    compressed model's real count by the caller."""
-    spec = get_arch(model.config)
-    b = spec.block
-    hidden = model.config.hidden_size
-    layers = spec.layer_list(model)
-    total = 0
-    for i, layer in enumerate(layers):
-        out = hidden if i == len(layers) - 1 else width
-        readers = sum(int(linear_weight(layer.get_submodule(n)).shape[0]) for n in (*b.attn_readers, *b.mlp_readers))
-        attn_w = int(linear_weight(layer.get_submodule(b.attn_writer)).shape[1])
-        mlp_w = int(linear_weight(layer.get_submodule(b.mlp_writer)).shape[1])
-        total += width * (readers + attn_w) + out * mlp_w + width * width + width * out
-    return total
 
 
 def run(dense, tok, method: str, config, batches, windows, cal: CalibrationRequest) -> dict:

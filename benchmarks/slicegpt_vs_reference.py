@@ -30,15 +30,11 @@ process.  Perplexity: token-level ``exp(mean NLL)`` over the same windows in bot
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime as dt
-import gc
 import itertools
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -49,37 +45,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from common import machine
 from slicekit.data import load_text, sample_calibration
 from slicekit.evaluate import eval_windows, perplexity_of_windows
 from slicekit.methods import get_method
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import load_model
 from slicekit.pipeline import CalibrationRequest, clone_model, compress
+from slicekit.profiling import release_memory
 from slicekit.schedules import round_width
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "reference_driver.py"
 RESULTS = HERE / "results"
-
-
-def release_free_memory() -> None:
-    """gc + glibc malloc_trim: RSS baselines must not include memory the allocator merely keeps."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, Linux {platform.release()}, torch {torch.__version__}"
 
 
 def reference_paths(args) -> tuple[dict | None, str]:
@@ -134,7 +112,7 @@ def run_reference_nc(ref: dict, data: str, tmp: str, args) -> dict:
 
 def run_ours(dense, tok, batches, windows, sparsity: float, args, evaluate: bool) -> dict:
     model = clone_model(dense)
-    release_free_memory()
+    release_memory(collect=True)
     cal = CalibrationRequest(nsamples=args.cal_nsamples, seqlen=args.cal_seqlen, batch_size=args.cal_batch_size,
                              seed=args.seed)
     cfg = SliceGPTConfig(sparsity=sparsity, round_to=args.round_to)
@@ -151,7 +129,7 @@ def run_ours(dense, tok, batches, windows, sparsity: float, args, evaluate: bool
         res["ppl_sliced"] = {"ppl": math.exp(nll), "nll": nll, "tokens": count}
         print(f"  slicekit sliced ppl {math.exp(nll):.4f}", flush=True)
     del model
-    release_free_memory()
+    release_memory(collect=True)
     return res
 
 

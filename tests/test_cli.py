@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tiny import tiny_model
+from tiny import save_tiny_with_tokenizer
 
 
 def run_cli(*args, env=None):
@@ -19,18 +19,9 @@ def run_cli(*args, env=None):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level tokenizer saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+    """A tiny Llama with a character-level tokenizer saved as a Hugging Face directory."""
     d = tmp_path_factory.mktemp("tiny")
-    model = tiny_model("llama")
-    model.save_pretrained(d)
-    vocab = {chr(i): i for i in range(32, 127)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10, " ": 32})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(d)
+    save_tiny_with_tokenizer(d)
     return d
 
 

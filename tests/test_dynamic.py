@@ -20,23 +20,10 @@ from slicekit.models import count_parameters
 from slicekit.schedules import round_width
 from slicekit.scores import layer_scores
 from slicekit.shape import count_from_shape
-from tiny import tiny_inputs, tiny_model
+from tiny import logits, rel_error, save_tiny_with_tokenizer, tiny_calibration, tiny_inputs, tiny_model
 
 CTX = CompressionContext(progress=False)
 SCORE_ARCHS = ["llama", "opt", "gpt2", "gpt_neox", "phi", "phi3"]
-
-
-def _cal():
-    return [tiny_inputs(2, 32, seed=s) for s in range(3)]
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def _reference_lr(model, batches):
@@ -61,7 +48,7 @@ def _reference_lr(model, batches):
 @pytest.mark.parametrize("arch", SCORE_ARCHS)
 def test_layer_scores_match_hidden_states(arch):
     model = tiny_model(arch)
-    batches = _cal()
+    batches = tiny_calibration()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = [type(m).__name__ for m in model.modules()]
     scores = layer_scores(model, batches, progress=False)
@@ -97,15 +84,15 @@ def _subspace_model(arch, k):
 def test_nonconstant_widths_are_exact_when_nothing_is_lost(arch):
     model = _subspace_model(arch, 40)
     x = tiny_inputs()
-    ref = _logits(model, x)
+    ref = logits(model, x)
     # dynamic slicing at mean 0.25 with a cap of 0.375 → widths 56/40 or 40/56 (both ≥ 40)
     cfg = SliceGPTConfig(sparsity=0.25, schedule="dynamic", slice_base=0.0, max_layer_sparsity=0.375)
-    result = compress(model, _cal(), cfg, CTX)
+    result = compress(model, tiny_calibration(), cfg, CTX)
     widths = result.summary["attn_in_widths"]
     assert sorted(widths) == [40, 56]
     layers = get_arch(model.config).layer_list(model)
     assert tuple(layers[0].mlp_shortcut.shape) == (widths[0], widths[1])  # rectangular
-    assert _rel(_logits(model, x), ref) <= 1e-4
+    assert rel_error(logits(model, x), ref) <= 1e-4
 
 
 def test_full_width_file_schedule_is_exact(tmp_path):
@@ -114,11 +101,11 @@ def test_full_width_file_schedule_is_exact(tmp_path):
     for arch in ("llama", "opt", "gpt_neox"):
         model = tiny_model(arch)
         x = tiny_inputs()
-        ref = _logits(model, x)
-        result = compress(model, _cal(), SliceGPTConfig(schedule=str(path)), CTX)
+        ref = logits(model, x)
+        result = compress(model, tiny_calibration(), SliceGPTConfig(schedule=str(path)), CTX)
         assert result.summary["attn_in_widths"] == [64, 64]
         assert get_arch(model.config).layer_list(model)[0].attn_shortcut is not None  # really rotated
-        assert _rel(_logits(model, x), ref) <= 1e-4
+        assert rel_error(logits(model, x), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gpt_neox", "phi"])
@@ -131,8 +118,8 @@ def test_planned_widths_are_the_real_ones(arch, schedule, tmp_path):
         path.write_text(json.dumps({"widths": [56, 32]}))
         schedule = str(path)
     cfg = SliceGPTConfig(sparsity=0.25, schedule=schedule, slice_base=0.0, epsilon=0.05)
-    ref_scores = layer_scores(copy.deepcopy(model), _cal(), progress=False)
-    result = compress(model, _cal(), cfg, CTX)
+    ref_scores = layer_scores(copy.deepcopy(model), tiny_calibration(), progress=False)
+    result = compress(model, tiny_calibration(), cfg, CTX)
     s = result.summary
     widths = s["attn_in_widths"]
     if schedule.endswith(".json"):
@@ -155,13 +142,13 @@ def test_planned_widths_are_the_real_ones(arch, schedule, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "opt", "phi"])
 def test_save_load_round_trip_with_nonconstant_widths(arch, tmp_path):
     model = tiny_model(arch)
-    result = compress(model, _cal(), SliceGPTConfig(sparsity=0.3, schedule="dynamic", slice_base=0.05), CTX)
+    result = compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.3, schedule="dynamic", slice_base=0.05), CTX)
     assert len(set(result.summary["attn_in_widths"])) > 1
     x = tiny_inputs()
-    ref = _logits(model, x)
+    ref = logits(model, x)
     save(model, None, str(tmp_path / "ckpt"), shape=result.shape)
     loaded, _ = load(str(tmp_path / "ckpt"))
-    assert _rel(_logits(loaded, x), ref) <= 1e-6
+    assert rel_error(logits(loaded, x), ref) <= 1e-6
 
 
 def test_compression_error_is_reasonable_for_dynamic_widths():
@@ -170,9 +157,9 @@ def test_compression_error_is_reasonable_for_dynamic_widths():
     errs = {}
     for schedule in ("constant", "dynamic"):
         model = tiny_model("llama")
-        ref = _logits(model, x)
-        compress(model, _cal(), SliceGPTConfig(sparsity=0.25, schedule=schedule), CTX)
-        errs[schedule] = _rel(_logits(model, x), ref)
+        ref = logits(model, x)
+        compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.25, schedule=schedule), CTX)
+        errs[schedule] = rel_error(logits(model, x), ref)
     assert 0 < errs["dynamic"] < 1.0 and errs["dynamic"] < 3 * errs["constant"]
 
 
@@ -185,17 +172,9 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a character-level tokenizer, saved as a Hugging Face directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+    """A tiny Llama with a character-level tokenizer saved as a Hugging Face directory."""
     d = tmp_path_factory.mktemp("tiny_dynamic")
-    tiny_model("llama").save_pretrained(d)
-    vocab = {chr(i): i for i in range(32, 127)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10, " ": 32})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(d)
+    save_tiny_with_tokenizer(d)
     return d
 
 

@@ -14,35 +14,22 @@ from slicekit.modeling_slicekit import ResidualBlock, UnitRMSNorm
 from slicekit.models import count_parameters
 from slicekit.schedules import round_width
 from slicekit.shape import count_from_shape
-from tiny import ARCHS, tiny_inputs, tiny_model
+from tiny import ARCHS, logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
 
 CTX = CompressionContext(progress=False)
 
 
-def _cal():
-    return [tiny_inputs(2, 32, seed=s) for s in range(3)]
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_invariance_transforms_keep_logits(arch):
+def test_invariance_transforms_keeplogits(arch):
     model = tiny_model(arch)
     x = tiny_inputs()
-    ref = _logits(model, x)
+    ref = logits(model, x)
     make_invariant(model)
     spec = get_arch(model.config)
     assert all(isinstance(layer, ResidualBlock) for layer in spec.layer_list(model))
     assert isinstance(model.get_submodule(spec.final_norm), UnitRMSNorm)
     assert model.get_submodule(spec.head).weight is not spec.embeddings(model)[0].weight
-    assert _rel(_logits(model, x), ref) <= 1e-4
+    assert rel_error(logits(model, x), ref) <= 1e-4
     if spec.norm_kind == "layer":  # the stream is centred: embeddings have zero row means
         emb = spec.embeddings(model)[0].weight
         assert emb.mean(-1).abs().max() < 1e-5
@@ -52,18 +39,18 @@ def test_invariance_transforms_keep_logits(arch):
 def test_full_width_rotation_is_exact(arch):
     model = tiny_model(arch)
     x = tiny_inputs()
-    ref = _logits(model, x)
-    compress(model, _cal(), SliceGPTConfig(sparsity=0.0), CTX)
+    ref = logits(model, x)
+    compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.0), CTX)
     layer = get_arch(model.config).layer_list(model)[0]
     assert layer.attn_shortcut is not None  # really rotated, not skipped
-    assert _rel(_logits(model, x), ref) <= 1e-4
+    assert rel_error(logits(model, x), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sliced_shapes_and_parameter_counts(arch):
     model = tiny_model(arch)
     hidden = model.config.hidden_size
-    result = compress(model, _cal(), SliceGPTConfig(sparsity=0.25), CTX)
+    result = compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.25), CTX)
     spec = get_arch(model.config)
     d = round_width(hidden, 0.25)
     assert d == 48
@@ -75,7 +62,7 @@ def test_sliced_shapes_and_parameter_counts(arch):
     assert spec.embeddings(model)[0].weight.shape[1] == d
     head_in = d if spec.head_width_is_embedding_width else hidden
     assert linear_weight(model.get_submodule(spec.head)).shape[1] == head_in
-    out = _logits(model, tiny_inputs())
+    out = logits(model, tiny_inputs())
     assert torch.isfinite(out).all()
     counted = count_parameters(model)
     assert count_from_shape(model.config, result.shape) == counted
@@ -85,18 +72,18 @@ def test_sliced_shapes_and_parameter_counts(arch):
 
 def test_slicing_error_grows_with_sparsity():
     x = tiny_inputs(4, 32, seed=9)
-    ref = _logits(tiny_model("llama"), x)
+    ref = logits(tiny_model("llama"), x)
     errs = []
     for s in (0.1, 0.3, 0.6):
         m = tiny_model("llama")
-        compress(m, _cal(), SliceGPTConfig(sparsity=s), CTX)
-        errs.append(_rel(_logits(m, x), ref))
+        compress(m, tiny_calibration(), SliceGPTConfig(sparsity=s), CTX)
+        errs.append(rel_error(logits(m, x), ref))
     assert errs[0] < errs[1] < errs[2]
 
 
 def test_slice_head_option_slices_the_head():
     m = tiny_model("llama")
-    compress(m, _cal(), SliceGPTConfig(sparsity=0.25, slice_head=True), CTX)
+    compress(m, tiny_calibration(), SliceGPTConfig(sparsity=0.25, slice_head=True), CTX)
     assert m.lm_head.weight.shape[1] == 48
     assert m.model.norm.dim == 48 and m.model.norm.norm_dim == 64
 
@@ -109,7 +96,7 @@ def test_impossible_sparsity_is_rejected(bad):
 
 def test_width_that_rounds_to_zero_is_rejected():
     with pytest.raises(SlicekitError, match="leaves nothing"):
-        compress(tiny_model("llama"), _cal(), SliceGPTConfig(sparsity=0.5, round_to=64), CTX)
+        compress(tiny_model("llama"), tiny_calibration(), SliceGPTConfig(sparsity=0.5, round_to=64), CTX)
 
 
 def test_rounding_to_multiple():
@@ -120,17 +107,17 @@ def test_rounding_to_multiple():
 
 def test_compression_is_deterministic():
     a, b = tiny_model("opt"), tiny_model("opt")
-    compress(a, _cal(), SliceGPTConfig(sparsity=0.3), CTX)
-    compress(b, _cal(), SliceGPTConfig(sparsity=0.3), CTX)
+    compress(a, tiny_calibration(), SliceGPTConfig(sparsity=0.3), CTX)
+    compress(b, tiny_calibration(), SliceGPTConfig(sparsity=0.3), CTX)
     x = tiny_inputs()
-    assert torch.equal(_logits(a, x), _logits(b, x))
+    assert torch.equal(logits(a, x), logits(b, x))
 
 
 def test_half_precision_path_runs_and_stays_close():
     """bfloat16 weights and activations, float64 PCA: the 0 % model stays close to the original."""
     model = tiny_model("llama").to(torch.bfloat16)
     x = tiny_inputs()
-    ref = _logits(model, x).float()
-    compress(model, _cal(), SliceGPTConfig(sparsity=0.0), CTX)
+    ref = logits(model, x).float()
+    compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.0), CTX)
     assert model.model.layers[0].attn_shortcut.dtype == torch.bfloat16
-    assert _rel(_logits(model, x).float(), ref) < 0.05
+    assert rel_error(logits(model, x).float(), ref) < 0.05

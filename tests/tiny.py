@@ -57,3 +57,31 @@ def tiny_model(name: str, seed: int = 0):
 def tiny_inputs(batch: int = 2, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seqlen), generator=g)
+
+
+def tiny_calibration() -> list[torch.Tensor]:
+    """Three small calibration batches, the same in every test."""
+    return [tiny_inputs(2, 32, seed=s) for s in range(3)]
+
+
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def save_tiny_with_tokenizer(directory, name: str = "llama") -> None:
+    """A tiny model plus a character-level tokenizer, saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(name).save_pretrained(directory)
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10, " ": 32})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
