@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from slicekit.checkpoint import save
     from slicekit.data import load_text
-    from slicekit.evaluate import perplexity
+    from slicekit.evaluate import eval_windows, perplexity_result
     from slicekit.models import load_model
     from slicekit.pipeline import CalibrationRequest, compress
     from slicekit.plots import summary_widths_png
@@ -151,14 +151,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
     model, tok = load_model(args.model, args.dtype, args.device)
     ppl_rows = []
-    if eval_source is not None:
-        r = perplexity(model, tok, eval_source, args.eval_seqlen, args.eval_max_windows, args.eval_batch_size,
-                       progress=not args.quiet)
+    windows = None
+    if eval_source is not None:  # tokenised once, scored before and after
+        windows = eval_windows(tok, eval_source, args.eval_seqlen, args.eval_max_windows)
+        r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
         ppl_rows.append({"model": "original", **r.as_dict()})
     report = compress(model, tok, args.method, config, cal, device=args.device, progress=not args.quiet)
-    if eval_source is not None:
-        r = perplexity(model, tok, eval_source, args.eval_seqlen, args.eval_max_windows, args.eval_batch_size,
-                       progress=not args.quiet)
+    if windows is not None:
+        r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
         ppl_rows.append({"model": "compressed", **r.as_dict()})
     out = report.as_dict()
     out["model"] = args.model

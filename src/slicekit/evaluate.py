@@ -67,5 +67,11 @@ def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: i
 def perplexity(model: nn.Module, tokenizer, source: TextSource, seqlen: int = 2048,
                max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     windows = eval_windows(tokenizer, source, seqlen, max_windows)
+    return perplexity_result(model, windows, source.description, batch_size, progress)
+
+
+def perplexity_result(model: nn.Module, windows: torch.Tensor, dataset: str, batch_size: int = 1,
+                      progress: bool = True) -> PerplexityResult:
+    """Score already-tokenised windows (tokenise once when evaluating several models)."""
     nll, count = perplexity_of_windows(model, windows, batch_size, progress)
-    return PerplexityResult(math.exp(nll), nll, windows.shape[0], seqlen, count, source.description)
+    return PerplexityResult(math.exp(nll), nll, windows.shape[0], windows.shape[1], count, dataset)
