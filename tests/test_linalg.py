@@ -9,10 +9,10 @@ from slicekit.linalg import (
     center_writer,
     damped,
     fold_scale_into_readers,
+    gram_matrix,
     pca_from_gram,
     rotate_reader,
     rotate_writer,
-    shortcut,
 )
 
 
@@ -64,6 +64,19 @@ def test_rotate_and_slice_round_trip_at_full_width():
     ww, _ = rotate_writer(w_write, None, q, 5)
     h = torch.randn(3, 2, generator=g, dtype=torch.float64)
     assert torch.allclose(h @ ww.T, h @ w_write.T @ q)
-    q2, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
-    assert torch.allclose((x @ q) @ shortcut(q, 5, q2, 5), x @ q2)
-    assert shortcut(q, 3, q2, 4).shape == (3, 4)
+    # The next rotation is found in the basis of q (eigenvectors v): the shortcut between the two
+    # sliced bases, q[:, :3]ᵀ·(q·v)[:, :4], is the 3 × 4 corner of v — what SliceGPT stores.
+    v, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    assert torch.allclose(q[:, :3].T @ (q @ v)[:, :4], v[:3, :4])
+
+
+def test_gram_matrix_equals_the_full_product():
+    g = torch.Generator().manual_seed(4)
+    for d in (7, 192, 193, 500):  # below, at and across the block size, uneven last block
+        x = torch.randn(3, 50, d, generator=g)
+        want = x.reshape(-1, d).double().T @ x.reshape(-1, d).double()
+        got = gram_matrix(x)
+        assert got.dtype == torch.float64 and torch.allclose(got, got.T, rtol=1e-13, atol=1e-10)
+        assert torch.allclose(got, want, rtol=1e-13, atol=1e-10)
+        acc = gram_matrix(x[:1])
+        assert gram_matrix(x[1:], acc) is acc and torch.allclose(acc, want, rtol=1e-13, atol=1e-10)

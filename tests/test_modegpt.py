@@ -17,7 +17,7 @@ from slicekit.errors import SlicekitError
 from slicekit.methods import CompressionContext, get_method
 from slicekit.methods.modegpt import MoDeGPTConfig, compress
 from slicekit.methods.modegpt.procedure import attention_geometry
-from slicekit.modeling_slicekit import ReducedAttention
+from slicekit.modeling_slicekit import ReducedAttention, equal_head_dims
 from slicekit.models import count_parameters
 from slicekit.shape import count_from_shape, describe
 from tiny import ARCHS, tiny_inputs, tiny_model
@@ -70,6 +70,22 @@ def test_reduced_attention_with_all_dims_is_exact(arch):
             "scaling": float(getattr(attn, "scaling", geo.head_dim ** -0.5))}))
     assert _rel(_logits(model), ref) < 1e-5
     assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True), gen_ref)
+
+
+@pytest.mark.parametrize(("dq", "dv"), [(12, 16), (16, 10), (8, 8)])
+def test_padding_head_dims_leaves_attention_unchanged(dq, dv):
+    """The fused-kernel padding of ReducedAttention: same output as attention on the unequal
+    sizes (the math path), causal and not."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, dq, generator=g), torch.randn(2, 4, 9, dq, generator=g)
+    v = torch.randn(2, 4, 9, dv, generator=g)
+    pq, pk, pv = equal_head_dims(q, k, v)
+    assert pq.shape[-1] == pk.shape[-1] == pv.shape[-1] == max(dq, dv)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for causal in (True, False):
+        want = sdpa(q, k, v, is_causal=causal, scale=0.3)
+        got = sdpa(pq, pk, pv, is_causal=causal, scale=0.3)[..., :dv]
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicekit.arch import ArchSpec
+from slicekit.linalg import gram_matrix
 from slicekit.profiling import release_memory
 
 # A capture point: "<module path relative to the layer>:input" or ":output"; "" is the layer itself.
@@ -70,10 +71,8 @@ class Gram:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        g = x.T @ x
-        self.matrix = g if self.matrix is None else self.matrix + g
-        self.count += x.shape[0]
+        self.matrix = gram_matrix(x, self.matrix)
+        self.count += x.numel() // x.shape[-1]
 
     def mean(self) -> torch.Tensor:
         """``XᵀX / n`` (the uncentred covariance)."""

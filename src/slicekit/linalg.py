@@ -9,6 +9,29 @@ from __future__ import annotations
 import torch
 
 CHUNK_ROWS = 4096  # float64 work on big tables (embeddings, LM head) in slices of this many rows
+GRAM_BLOCK = 96  # column block of :func:`gram_matrix` (CPU, 1 thread: 0.5-0.67x a full product at D 576-4096)
+
+
+def gram_matrix(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``XᵀX`` in float64 of the rows of ``x`` (``… × D``), added into ``out`` when given.
+
+    ``XᵀX`` is symmetric, so only the block upper triangle is multiplied (column blocks of
+    :data:`GRAM_BLOCK` against everything to their right) and mirrored: about 40 % fewer float64
+    FLOPs than ``XᵀX`` in one product, equal to it up to float64 round-off.  Calibration spends a
+    large share of its time here (two Gram matrices per decoder layer and batch).
+    """
+    x = x.reshape(-1, x.shape[-1]).double()
+    d = x.shape[1]
+    if out is None:
+        out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    if d <= 2 * GRAM_BLOCK:
+        return out.add_(x.T @ x)
+    for i in range(0, d, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, d)
+        block = x[:, i:j].T @ x[:, i:]
+        out[i:j, i:] += block
+        out[j:, i:j] += block[:, j - i:].T
+    return out
 
 
 def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -90,11 +113,6 @@ def rotate_writer(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tens
     ``W ← Q[:, :d]ᵀ·W``, ``b ← Q[:, :d]ᵀ·b``."""
     qd = q[:, :width].double().to(weight.device)
     return qd.T @ weight.double(), (None if bias is None else qd.T @ bias.double())
-
-
-def shortcut(q_in: torch.Tensor, width_in: int, q_out: torch.Tensor, width_out: int) -> torch.Tensor:
-    """Residual matrix between two rotated bases: ``Q_inᵀ·Q_out`` sliced to ``d_in × d_out``."""
-    return q_in[:, :width_in].double().T @ q_out[:, :width_out].double()
 
 
 # ---------------------------------------------------------------- MoDeGPT / least-squares closed forms

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 SHAPE_VERSION = 1
@@ -104,8 +105,19 @@ class ResidualBlock(nn.Module):
             self.register_parameter(key, param)
 
     @staticmethod
-    def _shortcut(x: torch.Tensor, mat: torch.Tensor | None) -> torch.Tensor:
-        return x if mat is None else x @ mat.to(x.dtype)
+    def _residual(x: torch.Tensor, mat: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """``x·S + out``.  ``S = None`` is the identity; if the block then writes a wider stream
+        than it reads, ``x`` holds the leading coordinates of the wider one (the truncated
+        identity — SliceGPT's calibration uses it to avoid a shortcut product)."""
+        if mat is not None:
+            return torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]),
+                               mat.to(x.dtype)).view(out.shape)
+        if x.shape[-1] == out.shape[-1]:
+            return x + out
+        if torch.is_grad_enabled():
+            return out + F.pad(x, (0, out.shape[-1] - x.shape[-1]))
+        out[..., : x.shape[-1]] += x
+        return out
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         for name in self.mlp_names:
@@ -118,11 +130,12 @@ class ResidualBlock(nn.Module):
         attn_out = getattr(self, self.attn_name)(getattr(self, self.attn_norm_name)(x), *args, **kwargs)
         if isinstance(attn_out, tuple):
             attn_out = attn_out[0]
-        return self._shortcut(x, self.attn_shortcut) + attn_out
+        return self._residual(x, self.attn_shortcut, attn_out)
 
     def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Sequential blocks: ``h·S_mlp + mlp(norm(h))`` on the stream after attention."""
-        return self._shortcut(hidden_states, self.mlp_shortcut) + self._mlp(getattr(self, self.mlp_norm_name)(hidden_states))
+        return self._residual(hidden_states, self.mlp_shortcut,
+                              self._mlp(getattr(self, self.mlp_norm_name)(hidden_states)))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.parallel:
@@ -133,12 +146,29 @@ class ResidualBlock(nn.Module):
         if isinstance(attn_out, tuple):
             attn_out = attn_out[0]
         h_mlp = h if self.mlp_norm_name is None else getattr(self, self.mlp_norm_name)(x)
-        return self._shortcut(x, self.attn_shortcut) + attn_out + self._mlp(h_mlp)
+        return self._residual(x, self.attn_shortcut, attn_out + self._mlp(h_mlp))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad the narrower of (q, k) and v in the head dimension to the wider one.
+
+    Fused attention kernels (PyTorch's CPU flash kernel, FlashAttention) need one head size for
+    q, k and v; with different sizes SDPA falls back to its math path, which materialises the
+    T×T scores and skips no causal block: 4-5x slower at 2048 tokens.  Zero columns change
+    neither the scores ``q·kᵀ`` nor the first ``v_dim`` output columns (the caller drops the
+    rest), and the softmax scale is passed explicitly, so the result is the same.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq < dv:
+        return F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v
+    if dv < dq:
+        return q, k, F.pad(v, (0, dq - dv))
+    return q, k, v
 
 
 class ReducedAttention(nn.Module):
@@ -220,6 +250,7 @@ class ReducedAttention(nn.Module):
             cos_q = cos_k.repeat_interleave(g, dim=-3) if g > 1 else cos_k
             sin_q = sin_k.repeat_interleave(g, dim=-3) if g > 1 else sin_k
             q, k = self._rope(q, cos_q.to(q.dtype), sin_q.to(q.dtype)), self._rope(k, cos_k.to(k.dtype), sin_k.to(k.dtype))
+        q, k, v = equal_head_dims(q, k, v)  # before the cache, which then holds them padded
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -233,6 +264,8 @@ class ReducedAttention(nn.Module):
         dropout = getattr(self, "attention_dropout", getattr(self, "dropout", 0.0))
         out, weights = interface(self, q, k, v, attention_mask, dropout=dropout if self.training else 0.0,
                                  scaling=self.scaling, **extra, **kwargs)
+        if out.shape[-1] > self.v_dim:
+            out = out[..., : self.v_dim]
         out = out.reshape(*lead, -1).contiguous()
         return getattr(self, spec["o"])(out), weights
 

@@ -85,12 +85,16 @@ def _libc():
     return _LIBC
 
 
-def limit_heap_retention(threshold: int = 1 << 20) -> None:
-    """Serve allocations above ``threshold`` bytes by mmap, so freed activations go back to the OS.
+def limit_heap_retention(threshold: int = 64 << 20) -> None:
+    """Fix glibc's mmap threshold at ``threshold`` bytes, so freed activations go back to the OS.
 
-    glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which
-    every layer's temporaries fragment the heap and peak RSS grows far beyond the live data.
-    No-op where glibc is not the allocator.
+    By default glibc raises its mmap threshold after large blocks are freed, after which every
+    layer's temporaries fragment the heap and peak RSS grows far beyond the live data.  A fixed
+    threshold (with :func:`release_memory` trimming between layers) keeps the growth bounded.  It
+    is not set low: every mmap-served allocation is zero-filled page by page on first touch, and
+    with a 1 MiB threshold that cost 15 % of SliceGPT's compression time on SmolLM2 (66.6 s against
+    56.2 s at 64 MiB, with +309 against +439 MiB of peak RSS).  No-op where glibc is not the
+    allocator.
     """
     libc = _libc()
     if libc:

@@ -16,7 +16,7 @@ from torch import nn
 from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
 from slicekit.invariance import make_invariant
-from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer, shortcut
+from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer
 from slicekit.methods import CompressionContext, CompressionResult
 from slicekit.methods.slicegpt.config import SliceGPTConfig
 from slicekit.modeling_slicekit import ResidualBlock, UnitRMSNorm
@@ -65,6 +65,30 @@ def _rotate_writer(lin: nn.Module, q: torch.Tensor, width: int) -> None:
     set_linear(lin, w, b)
 
 
+class _WriterInBasis:
+    """A writer made to write the *whole* stream in the basis ``q`` while its layer is calibrated.
+
+    With the writers in the basis of the layer's input rotation, the residual is just the leading
+    coordinates of the output (the block's shortcut is the truncated identity) and no shortcut
+    product is computed during calibration; the output Gram matrix is taken in that basis and its
+    eigenvectors ``V`` give the output rotation ``Q·V``.  PCA is basis-independent (the damping
+    ``λ·I`` commutes with rotations), so the result is the same as in the original basis.
+    :meth:`finish` then writes the weights from the kept original in one float64 product.
+    """
+
+    def __init__(self, layer: nn.Module, names: tuple[str, ...], q: torch.Tensor) -> None:
+        self.mods = [layer.get_submodule(n) for n in names]
+        self.saved = [(linear_weight(m).clone(), None if linear_bias(m) is None else linear_bias(m).clone())
+                      for m in self.mods]
+        for m, (w, b) in zip(self.mods, self.saved, strict=True):
+            set_linear(m, *rotate_writer(w, b, q, q.shape[1]))
+
+    def finish(self, q: torch.Tensor, width: int) -> None:
+        for m, (w, b) in zip(self.mods, self.saved, strict=True):
+            set_linear(m, *rotate_writer(w, b, q, width))
+        self.saved = []
+
+
 def _set_norm(layer: nn.Module, name: str | None, width: int, norm_dim: int) -> None:
     if name is not None:
         old = layer.get_submodule(name)
@@ -77,10 +101,10 @@ def _set_shortcut(block: ResidualBlock, key: str, mat: torch.Tensor | None) -> N
                                                               requires_grad=False))
 
 
-def _project(outputs: list[torch.Tensor], q: torch.Tensor, width: int) -> list[torch.Tensor]:
-    qd = q[:, :width]
+def _project(outputs: list[torch.Tensor], v: torch.Tensor, width: int) -> list[torch.Tensor]:
+    vd = v[:, :width]
     # In the activations' dtype, as the reference does: the rotation itself came from float64 PCA.
-    return [o @ qd.to(device=o.device, dtype=o.dtype) for o in outputs]
+    return [o @ vd.to(device=o.device, dtype=o.dtype) for o in outputs]
 
 
 def _attn_half(layer: ResidualBlock, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -128,35 +152,37 @@ class RotateAndSlice:
         _set_norm(layer, b.attn_norm, d_in, hidden)
         if b.parallel:
             _set_norm(layer, b.mlp_norm, d_in, hidden)
-        # Until this layer's output rotation is known, the residual maps back to the original basis.
-        _set_shortcut(layer, "attn_shortcut", q_in[:, :d_in].T)
+        # Each half-block's Gram is taken in the basis of its input rotation (see _WriterInBasis):
+        # V holds the eigenvectors in that basis, so the new rotation is Q·V, the shortcut is the
+        # d_in × d_out corner of V, and the kept stream is the outputs times V[:, :d_out].
+        _set_shortcut(layer, "attn_shortcut", None)
+        q_cur, d_cur = q_in, d_in
         inputs = None
         if not b.parallel:
             # One pass over each half of the block instead of two passes over the whole block: the
-            # stream after the attention residual is kept, and after the mid rotation it is simply
-            # projected (writer and shortcut both pick up exactly Q_mid[:, :d_mid]).
+            # stream after the attention residual is kept, and projected once its rotation is known.
+            writer = _WriterInBasis(layer, (b.attn_writer,), q_in)
             obs = step.forward(grams=[":output"], keep_outputs=True, call=_attn_half)
-            q_mid = self._pca(obs.grams[":output"])
+            v = self._pca(obs.grams[":output"])
             d_mid = self.plan.mlp_in[i]
-            _rotate_writer(layer.get_submodule(b.attn_writer), q_mid, d_mid)
-            _set_shortcut(layer, "attn_shortcut", shortcut(q_in, d_in, q_mid, d_mid))
-            _rotate_readers(layer, b.mlp_readers, q_mid, d_mid)
+            q_cur, d_cur = q_in @ v, d_mid
+            writer.finish(q_cur, d_mid)
+            _set_shortcut(layer, "attn_shortcut", v[:d_in, :d_mid])
+            _rotate_readers(layer, b.mlp_readers, q_cur, d_mid)
             _set_norm(layer, b.mlp_norm, d_mid, hidden)
-            _set_shortcut(layer, "mlp_shortcut", q_mid[:, :d_mid].T)
-            inputs = _project(obs.outputs, q_mid, d_mid)
+            _set_shortcut(layer, "mlp_shortcut", None)
+            inputs = _project(obs.outputs, v, d_mid)
             del obs
+        writers = (b.attn_writer, b.mlp_writer) if b.parallel else (b.mlp_writer,)
+        writer = _WriterInBasis(layer, writers, q_cur)
         obs = step.forward(grams=[":output"], keep_outputs=True, inputs=inputs,
                            call=None if b.parallel else _mlp_half)
         del inputs
-        q_out = self._pca(obs.grams[":output"])
-        if b.parallel:
-            for name in (b.attn_writer, b.mlp_writer):
-                _rotate_writer(layer.get_submodule(name), q_out, d_out)
-            _set_shortcut(layer, "attn_shortcut", shortcut(q_in, d_in, q_out, d_out))
-        else:
-            _rotate_writer(layer.get_submodule(b.mlp_writer), q_out, d_out)
-            _set_shortcut(layer, "mlp_shortcut", shortcut(q_mid, d_mid, q_out, d_out))
-        step.set_next_inputs(_project(obs.outputs, q_out, d_out))
+        v = self._pca(obs.grams[":output"])
+        q_out = q_cur @ v
+        writer.finish(q_out, d_out)
+        _set_shortcut(layer, "attn_shortcut" if b.parallel else "mlp_shortcut", v[:d_cur, :d_out])
+        step.set_next_inputs(_project(obs.outputs, v, d_out))
         self.q, self.width = q_out.cpu(), d_out
 
     def end(self, engine: CalibrationEngine) -> None:
