@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,9 +215,8 @@ def main() -> None:
             theirs_nc = run_reference_nc(ref, data, tmp, args)
 
     # ------------------------------------------------------------------ tables
-    def best(runs: list[dict], key: str) -> float:  # median over repeats
-        vals = sorted(r["compression"][key] for r in runs)
-        return vals[len(vals) // 2]
+    def best(runs: list[dict], key: str) -> float:  # median over repeats (mean of the middle two if even)
+        return statistics.median(r["compression"][key] for r in runs)
 
     s0 = args.sparsity
     o0 = ours[s0]

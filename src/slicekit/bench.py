@@ -65,7 +65,10 @@ def _prefill(model: nn.Module, ids: torch.Tensor) -> float:
 def _decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     device = ids.device
     pad = getattr(model.generation_config, "pad_token_id", None)
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=pad if pad is not None else 0)
+    # The prompts are unpadded: an all-ones mask says so (transformers cannot infer it when the
+    # pad token is also the EOS token, and warns).
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=pad if pad is not None else 0,
+              attention_mask=torch.ones_like(ids))
     _sync(device)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
