@@ -60,11 +60,6 @@ def _rotate_readers(layer: nn.Module, names, q: torch.Tensor, width: int) -> Non
         set_linear(lin, rotate_reader(linear_weight(lin), q, width, out_dtype=lin.weight.dtype))
 
 
-def _rotate_writer(lin: nn.Module, q: torch.Tensor, width: int) -> None:
-    w, b = rotate_writer(linear_weight(lin), linear_bias(lin), q, width)
-    set_linear(lin, w, b)
-
-
 class _WriterInBasis:
     """A writer made to write the *whole* stream in the basis ``q`` while its layer is calibrated.
 
@@ -72,7 +67,7 @@ class _WriterInBasis:
     coordinates of the output (the block's shortcut is the truncated identity) and no shortcut
     product is computed during calibration; the output Gram matrix is taken in that basis and its
     eigenvectors ``V`` give the output rotation ``Q·V``.  PCA is basis-independent (the damping
-    ``λ·I`` commutes with rotations), so the result is the same as in the original basis.
+    ``λ·I`` commutes with rotations), so the result equals the original-basis one to round-off.
     :meth:`finish` then writes the weights from the kept original in one float64 product.
     """
 
