@@ -121,3 +121,25 @@ def test_half_precision_path_runs_and_stays_close():
     compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.0), CTX)
     assert model.model.layers[0].attn_shortcut.dtype == torch.bfloat16
     assert rel_error(logits(model, x).float(), ref) < 0.05
+
+
+def test_residual_forms_agree_with_an_explicit_shortcut():
+    """``ResidualBlock._residual``: a matrix, the identity, and the truncated identity (a narrower
+    stream entering a wider one, used during calibration) — the last in-place without autograd
+    and padded with it, both equal to multiplying by ``[I; 0]``."""
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 7, generator=g)
+    s = torch.randn(3, 7, generator=g)
+    want = x @ s + out
+    assert torch.allclose(ResidualBlock._residual(x, s, out.clone()), want, atol=1e-6)
+    same = torch.randn(2, 5, 3, generator=g)
+    assert torch.equal(ResidualBlock._residual(x, None, same), x + same)
+    pad = torch.eye(3, 7)
+    with torch.no_grad():
+        assert torch.allclose(ResidualBlock._residual(x, None, out.clone()), x @ pad + out)
+    with torch.enable_grad():
+        o = out.clone().requires_grad_()
+        got = ResidualBlock._residual(x, None, o)
+        assert torch.allclose(got, x @ pad + out)
+        got.sum().backward()
+        assert torch.equal(o.grad, torch.ones_like(out))
