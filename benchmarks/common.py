@@ -1,18 +1,176 @@
-"""Helpers shared by the benchmark scripts (not part of the library)."""
+"""What the benchmark scripts share (not part of the library): one argument set, one way to draw
+calibration text and evaluation windows, one result writer, and the method configs for a share of
+decoder parameters.
+
+Parameter counts are never computed here: every count a benchmark prints comes from the
+library's one counter (:func:`slicekit.shape.count_plan`, through
+:func:`slicekit.models.count_parameters`, the pipeline's reports and its plans), so a benchmark
+and the library cannot disagree about what a model's size is.
+
+Result files follow the schema that ``benchmarks/make_results.py`` renders into RESULTS.md
+(docs/CONTRIBUTING-HELPERS.md)::
+
+    {"title": str, "command": str, "date": "YYYY-MM-DD", "machine": str, "settings": {...},
+     "tables": [{"title": str, "columns": [str], "rows": [[...]]}], "notes": [str], "plots": ["file.png"]}
+
+:func:`write_result` checks that schema, fills in the date and the machine, replaces machine
+paths (the data directory, the repository, the home directory) and writes atomically.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import shlex
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 RESULTS = HERE / "results"
 
+#: the shared options and their defaults; a script passes its own defaults to :func:`benchmark_parser`
+SHARED_DEFAULTS: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "cal_dataset": "wikitext2",
+    "cal_split": "validation",  # the train split is not shipped in the shared data directory
+    "cal_nsamples": 16,
+    "cal_seqlen": 2048,
+    "cal_batch_size": 4,
+    "seed": 42,
+    "eval_dataset": "wikitext2",
+    "eval_seqlen": 2048,
+    "eval_windows": 16,
+    "threads": None,
+}
+
+#: required keys of a result file and their types (``date`` and ``machine`` are filled in)
+SCHEMA: dict[str, type] = {"title": str, "command": str, "date": str, "machine": str, "settings": dict,
+                           "tables": list, "notes": list, "plots": list}
+
+
+# ---------------------------------------------------------------- arguments
+
+def benchmark_parser(name: str, description: str | None = None, *, evaluation: bool = True,
+                     **defaults: Any) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark shares, with this script's ``defaults``:
+    ``--model``, calibration (``--cal-dataset/-split/-nsamples/-seqlen/-batch-size``, ``--seed``),
+    evaluation (``--eval-dataset/-seqlen/-windows``, unless ``evaluation=False``), ``--threads``
+    and ``--out`` (the result file, ``results/<name>.json`` by default)."""
+    unknown = set(defaults) - set(SHARED_DEFAULTS) - {"out"}
+    if unknown:
+        raise ValueError(f"not shared options: {', '.join(sorted(unknown))}")
+    d = {**SHARED_DEFAULTS, "out": str(RESULTS / f"{name}.json"), **defaults}
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared benchmark options")
+    g.add_argument("--model", default=d["model"], help="alias, directory, GGUF file or hub id (default %(default)s)")
+    g.add_argument("--cal-dataset", default=d["cal_dataset"], help="calibration text (default %(default)s)")
+    g.add_argument("--cal-split", default=d["cal_split"], help="calibration split (default %(default)s)")
+    g.add_argument("--cal-nsamples", type=int, default=d["cal_nsamples"], help="default %(default)s")
+    g.add_argument("--cal-seqlen", type=int, default=d["cal_seqlen"], help="default %(default)s")
+    g.add_argument("--cal-batch-size", type=int, default=d["cal_batch_size"], help="default %(default)s")
+    g.add_argument("--seed", type=int, default=d["seed"], help="calibration sampling seed (default %(default)s)")
+    if evaluation:
+        g.add_argument("--eval-dataset", default=d["eval_dataset"], help="default %(default)s (its test split)")
+        g.add_argument("--eval-seqlen", type=int, default=d["eval_seqlen"], help="default %(default)s")
+        g.add_argument("--eval-windows", type=int, default=d["eval_windows"],
+                       help="the first K windows of the test split (default %(default)s)")
+    g.add_argument("--threads", type=int, default=d["threads"], help="torch threads (default: torch's choice)")
+    g.add_argument("--out", default=d["out"], help=f"result JSON file (default results/{name}.json)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Apply the shared settings that act on the process (threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def command_line(script: str, argv: list[str] | None = None, prefix: str = "python") -> str:
+    """The command that reproduces this run, as recorded in the result file."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([prefix, f"benchmarks/{script}", shlex.join(args)]).strip()
+
+
+# ---------------------------------------------------------------- data
+
+def calibration_request(args: argparse.Namespace):
+    """The pipeline's record of the calibration the shared options describe."""
+    from slicekit.pipeline import CalibrationRequest
+
+    return CalibrationRequest(dataset=args.cal_dataset, split=args.cal_split, nsamples=args.cal_nsamples,
+                              seqlen=args.cal_seqlen, batch_size=args.cal_batch_size, seed=args.seed,
+                              strategy="documents")
+
+
+def calibration_set(args: argparse.Namespace, tokenizer):
+    """The calibration ids (drawn once, shared by every method of a run) with a description that
+    names no machine path; ``.batches(args.cal_batch_size)`` gives the batches."""
+    from slicekit.data import CalibrationSet, load_text, sample_calibration
+
+    source = load_text(args.cal_dataset, args.cal_split, purpose="calibration")
+    cal = sample_calibration(tokenizer, source, args.cal_nsamples, args.cal_seqlen, args.seed, "documents")
+    return CalibrationSet(cal.input_ids, scrub(cal.description))
+
+
+def evaluation_windows(args: argparse.Namespace, tokenizer, dataset: str | None = None):
+    """``(windows, description)``: the first ``--eval-windows`` windows of ``--eval-seqlen`` tokens of
+    the test split of ``dataset`` (default ``--eval-dataset``)."""
+    from slicekit.data import load_text
+    from slicekit.evaluate import eval_windows
+
+    source = load_text(dataset or args.eval_dataset, purpose="eval")
+    return eval_windows(tokenizer, source, args.eval_seqlen, args.eval_windows), scrub(source.description)
+
+
+# ---------------------------------------------------------------- methods at a size
+
+def method_config(method: str, share: float, **settings: Any):
+    """``method``'s config that removes ``share`` of the decoder parameters: every method's
+    ``target_params``, met by the pipeline against the one counter (for SliceGPT: the constant
+    width whose real decoder count, shortcut matrices included, is closest)."""
+    from slicekit.methods import get_method
+
+    return get_method(method).config_cls(target_params=share, **settings)
+
+
+def slicegpt_matching(model, decoder_params: int, round_to: int = 8):
+    """SliceGPT at the constant residual width whose planned real decoder count is closest to
+    ``decoder_params`` (e.g. another method's compressed count): ``(config, width, planned
+    decoder count)``, from the plan alone, before any calibration.  The config asks for that width
+    directly (``slicing = 1 − width/D``), so the run does not depend on the target solver."""
+    from slicekit.arch import get_arch
+    from slicekit.methods import get_method
+    from slicekit.methods.slicegpt import SliceGPTConfig
+    from slicekit.models import count_parameters
+    from slicekit.pipeline import n_layers_of, plan_compression
+    from slicekit.shape import count_plan
+
+    entry = get_method("slicegpt")
+    original = count_parameters(model)["decoder"]
+    probe = SliceGPTConfig(target_params=1 - decoder_params / original, round_to=round_to)
+    planned = plan_compression(entry, model, probe)
+    width = int(planned.plan.modules[get_arch(model.config).token_embedding]["embedding_dim"])
+    config = SliceGPTConfig(slicing=1 - width / model.config.hidden_size, round_to=round_to)
+    predicted = count_plan(entry.plan(model, config, [config.slicing] * n_layers_of(model))).decoder
+    assert predicted == planned.predicted.decoder, (predicted, planned.predicted)
+    return config, width, predicted
+
+
+def decoder_share_removed(report) -> float:
+    """The real share of decoder parameters a pipeline report's compression removed."""
+    return 1 - report.params_compressed["decoder"] / report.params_original["decoder"]
+
+
+# ---------------------------------------------------------------- results
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -32,84 +190,76 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
-def write_result(name: str, doc: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def _path_replacements() -> list[tuple[str, str]]:
+    pairs = [(str(REPO) + os.sep, ""), (str(REPO), ".")]
+    data = os.environ.get("SLICEKIT_DATA_DIR")
+    if data:
+        pairs.append((os.path.abspath(data), "$SLICEKIT_DATA_DIR"))
+    home = os.path.expanduser("~")
+    if home not in ("", "/", "~"):
+        pairs.append((home, "~"))
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def scrub(obj: Any) -> Any:
+    """``obj`` with machine paths in its strings replaced: the data directory by
+    ``$SLICEKIT_DATA_DIR``, the repository by a relative path, the home directory by ``~``."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        for old, new in _path_replacements():
+            obj = obj.replace(old, new)
+    return obj
+
+
+def check_result(doc: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first way ``doc`` departs from the result schema."""
+    for key, kind in SCHEMA.items():
+        if key not in doc:
+            raise ValueError(f"result has no {key!r}")
+        if not isinstance(doc[key], kind):
+            raise ValueError(f"result {key!r} must be a {kind.__name__}, not {type(doc[key]).__name__}")
+    for i, table in enumerate(doc["tables"]):
+        if not isinstance(table, dict) or not {"title", "columns", "rows"} <= set(table):
+            raise ValueError(f"table {i} must have 'title', 'columns' and 'rows'")
+        for j, row in enumerate(table["rows"]):
+            if len(row) != len(table["columns"]):
+                raise ValueError(f"table {i} ({table['title']!r}) row {j} has {len(row)} cells for "
+                                 f"{len(table['columns'])} columns")
+    for name in ("notes", "plots"):
+        if not all(isinstance(x, str) for x in doc[name]):
+            raise ValueError(f"result {name!r} must be a list of strings")
+
+
+def write_result(out: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """Write one result file: ``out`` is a path, or a bare name for ``results/<name>.json``.
+
+    ``date`` and ``machine`` are filled in when missing, ``plots`` defaults to none; the document
+    is checked against the schema, machine paths are replaced (:func:`scrub`) and the file is
+    written to a temporary sibling first and renamed, so a reader never sees half a file.
+    """
+    path = Path(out)
+    if path.suffix != ".json" and path.parent == Path("."):
+        path = RESULTS / f"{path}.json"
+    doc = {**doc}
     doc.setdefault("date", today())
     doc.setdefault("machine", machine())
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
+    doc.setdefault("plots", [])
+    doc = scrub(json.loads(json.dumps(doc, default=str)))
+    check_result(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=2)
+            fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
-
-
-def slicegpt_decoder_params(model, width: int, slice_head: bool = False) -> int:
-    """Real decoder parameter count of a constant-width SliceGPT model, from the adapter table:
-    readers keep ``width`` input columns, writers ``width`` output rows, each sequential layer gets
-    ``width × width`` shortcuts (the last one ``width × D`` when the head stays full width),
-    norms lose their weights; biases are counted where the original linear has one."""
-    from slicekit.arch import get_arch, linear_weight
-
-    spec = get_arch(model.config)
-    b = spec.block
-    hidden = model.config.hidden_size
-    layers = spec.layer_list(model)
-    total = 0
-    for i, layer in enumerate(layers):
-        d_in = width
-        d_out = width if (i + 1 < len(layers) or slice_head or spec.head_width_is_embedding_width) else hidden
-        counted = set()
-        mid = width
-        for name in b.attn_readers + b.mlp_readers:
-            lin = layer.get_submodule(name)
-            out_f = linear_weight(lin).shape[0]
-            total += out_f * width + (out_f if lin.bias is not None else 0)
-            counted.add(name)
-        for name, rows in ((b.attn_writer, d_out if b.parallel else mid), (b.mlp_writer, d_out)):
-            lin = layer.get_submodule(name)
-            in_f = linear_weight(lin).shape[1]
-            total += rows * in_f + (rows if lin.bias is not None else 0)
-            counted.add(name)
-        total += d_in * d_out if b.parallel else d_in * mid + mid * d_out
-        norms = {b.attn_norm, b.mlp_norm} - {None}
-        for pname, p in layer.named_parameters():
-            mod = pname.rsplit(".", 1)[0]
-            if mod not in counted and mod not in norms:
-                total += p.numel()
-    return total
-
-
-def slicegpt_sparsity_for_decoder_share(model, share: float, round_to: int = 8) -> tuple[float, int, float]:
-    """The SliceGPT sparsity (a width multiple of ``round_to``) whose real decoder parameter count
-    removes the share closest to ``share``; returns (sparsity, width, achieved share)."""
-    from slicekit.models import count_parameters
-
-    hidden = model.config.hidden_size
-    dense = count_parameters(model)["decoder"]
-    best = None
-    for width in range(hidden, 0, -round_to):
-        got = 1 - slicegpt_decoder_params(model, width) / dense
-        if best is None or abs(got - share) < abs(best[2] - share):
-            best = ((hidden - width) / hidden, width, got)
-    return best
-
-
-def method_config(method: str, model, share: float):
-    """The config that removes ``share`` of the decoder parameters with ``method``.
-
-    SliceGPT's knob is the width fraction, so the width whose real decoder count (shortcuts
-    included) is closest to the target is searched; the other methods take the share directly.
-    """
-    from slicekit.methods import get_method
-
-    entry = get_method(method)
-    if method == "slicegpt":
-        sparsity, _, _ = slicegpt_sparsity_for_decoder_share(model, share)
-        return entry.config_cls(sparsity=sparsity)
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(entry.config_cls)}
-    for key in ("decoder_share", "target_share", "target", "share", "sparsity"):
-        if key in names:
-            return entry.config_cls(**{key: share})
-    raise ValueError(f"do not know how to ask {method} for a decoder share (fields: {sorted(names)})")

@@ -15,23 +15,26 @@ finished rows.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import json
 import math
 import os
 import sys
 import time
 
-from common import machine
-from slicekit.data import load_text
-from slicekit.evaluate import eval_windows, perplexity_of_windows
-from slicekit.methods import CompressionContext, config_to_dict
+from common import (
+    benchmark_parser,
+    calibration_set,
+    command_line,
+    evaluation_windows,
+    scrub,
+    setup,
+    write_result,
+)
+from slicekit.evaluate import perplexity_of_windows
+from slicekit.methods import MethodContext, config_to_dict, get_method
 from slicekit.methods.slicegpt import SliceGPTConfig
-from slicekit.methods.slicegpt import compress as slicegpt_compress
 from slicekit.models import count_parameters, load_model
-from slicekit.pipeline import CalibrationRequest, calibration_batches
 from slicekit.plots import layer_widths_png
 from slicekit.profiling import measure
 from slicekit.schedules import (
@@ -42,60 +45,32 @@ from slicekit.schedules import (
     widths_from_fractions,
 )
 from slicekit.scores import LayerScores, layer_scores
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def width_params(model, widths: list[int], head_width: int) -> int:
-    """The part of a SliceGPT-compressed model's parameter count that depends on the residual
-    widths (``widths[l]`` = input width of layer ``l``, its mid interface too), read off the
-    original model's module shapes: embeddings ``E·d_0``; readers ``out·d_l``; writers
-    ``(in + bias)·d_out``; shortcuts ``d_l·d_mid + d_mid·d_(l+1)`` (sequential) or ``d_l·d_(l+1)``
-    (parallel).  The rest of the count is a constant, calibrated on a real compressed model."""
-    from slicekit.arch import get_arch, linear_weight
-
-    spec = get_arch(model.config)
-    b = spec.block
-    total = sum(e.num_embeddings for e in spec.embeddings(model)) * widths[0]
-    layers = spec.layer_list(model)
-    for i, layer in enumerate(layers):
-        d_in = widths[i]
-        d_out = widths[i + 1] if i + 1 < len(layers) else head_width
-
-        def reads(names, layer=layer):
-            return sum(linear_weight(layer.get_submodule(n)).shape[0] for n in names)
-
-        def writes(name, layer=layer):
-            lin = layer.get_submodule(name)
-            return linear_weight(lin).shape[1] + (1 if getattr(lin, "bias", None) is not None else 0)
-
-        if b.parallel:
-            total += reads(b.attn_readers + b.mlp_readers) * d_in
-            total += (writes(b.attn_writer) + writes(b.mlp_writer)) * d_out + d_in * d_out
-        else:
-            total += (reads(b.attn_readers) + reads(b.mlp_readers) + writes(b.attn_writer)) * d_in
-            total += writes(b.mlp_writer) * d_out + d_in * d_in + d_in * d_out
-    return total
+from slicekit.shape import Plan, count_plan
 
 
-def matched_widths(model, fractions: list[float], budget: int, offset: int, head_width: int, multiple: int,
-                   cap: float) -> tuple[list[int], int]:
-    """The largest total width (in steps of ``multiple``) whose largest-remainder rounding of
-    ``fractions`` has at most ``budget`` parameters (``offset`` + :func:`width_params`)."""
-    full = model.config.hidden_size
+def planned_total(model, config: SliceGPTConfig, widths: list[int]) -> int:
+    """Total parameters of ``model`` sliced to ``widths`` (input width of each layer), counted on
+    SliceGPT's plan by the one counter — no surgery."""
+    fractions = fractions_of(widths, model.config.hidden_size)
+    return count_plan(get_method("slicegpt").plan(model, config, fractions)).total
+
+
+def matched_widths(model, config: SliceGPTConfig, fractions: list[float], budget: int) -> tuple[list[int], int]:
+    """The largest total width (in steps of ``round_to``) whose largest-remainder rounding of
+    ``fractions`` has at most ``budget`` parameters (counted on the plan)."""
+    full, multiple = model.config.hidden_size, config.round_to
     total = sum(widths_from_fractions(full, fractions, multiple))
     while True:
-        widths = round_to_total(fractions, full, total, multiple, cap)
-        count = offset + width_params(model, widths, head_width)
+        widths = round_to_total(fractions, full, total, multiple, config.max_layer_sparsity)
+        count = planned_total(model, config, widths)
         if count <= budget:
             return widths, count
         total -= multiple
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsity", type=float, default=0.25)
+    p = benchmark_parser("dynamic_slicing", __doc__)
+    p.add_argument("--slicing", type=float, default=0.25, help="mean share of the residual width removed")
     p.add_argument("--slice-bases", default="0.05,0.15,0.20")
     p.add_argument("--modegpt-epsilons", default="", help="also MoDeGPT's allocation at these ε (comma list)")
     p.add_argument("--matched-slice-bases", default="",
@@ -104,17 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the dense result, layer scores and finished runs of an existing --out file")
     p.add_argument("--round-to", type=int, default=8)
-    p.add_argument("--cal-dataset", default="wikitext2")
-    p.add_argument("--cal-split", default="validation")
-    p.add_argument("--cal-nsamples", type=int, default=16)
-    p.add_argument("--cal-seqlen", type=int, default=2048)
-    p.add_argument("--cal-batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-seqlen", type=int, default=2048)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "dynamic_slicing.json"))
     args = p.parse_args(argv)
-    command = "python benchmarks/dynamic_slicing.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    setup(args)
+    command = command_line("dynamic_slicing.py", argv)
     plot_name = os.path.splitext(os.path.basename(args.out))[0] + ".png"
     progress = sys.stderr.isatty()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -122,18 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     model, tok = load_model(args.model)
     hidden = model.config.hidden_size
-    req = CalibrationRequest(args.cal_dataset, args.cal_split, args.cal_nsamples, args.cal_seqlen,
-                             args.cal_batch_size, args.seed)
-    batches, cal_desc = calibration_batches(tok, req)
-    test = load_text("wikitext2", purpose="eval")
-    windows = eval_windows(tok, test, args.eval_seqlen, args.eval_windows)
-    log(f"calibration: {cal_desc}; evaluation: {windows.shape[0]} × {args.eval_seqlen} of {test.description}")
+    calset = calibration_set(args, tok)
+    batches, cal_desc = calset.batches(args.cal_batch_size), calset.description
+    windows, test_description = evaluation_windows(args, tok)
+    log(f"calibration: {cal_desc}; evaluation: {windows.shape[0]} × {args.eval_seqlen} of {test_description}")
 
     previous = None
     if args.resume and os.path.isfile(args.out):
         with open(args.out) as fh:
             previous = json.load(fh)
-        if previous["settings"]["calibration"] != cal_desc:
+        if scrub(previous["settings"]["calibration"]) != cal_desc:
             raise SystemExit(f"--resume: {args.out} was calibrated on {previous['settings']['calibration']}")
     if previous is not None:
         dense, ntok = previous["dense"], windows.shape[0] * (args.eval_seqlen - 1)
@@ -151,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         score_seconds = time.perf_counter() - t
     log(f"layer scores ({score_seconds:.0f} s): LR {[round(v, 4) for v in scores.lr]}")
 
-    runs: list[tuple[str, SliceGPTConfig]] = [("constant", SliceGPTConfig(sparsity=args.sparsity, round_to=args.round_to))]
+    runs: list[tuple[str, SliceGPTConfig]] = [("constant", SliceGPTConfig(slicing=args.slicing, round_to=args.round_to))]
     for sb in [float(x) for x in args.slice_bases.split(",") if x]:
-        runs.append((f"dynamic SB={sb:g}", SliceGPTConfig(sparsity=args.sparsity, round_to=args.round_to,
+        runs.append((f"dynamic SB={sb:g}", SliceGPTConfig(slicing=args.slicing, round_to=args.round_to,
                                                           schedule="dynamic", slice_base=sb)))
     for eps in [float(x) for x in args.modegpt_epsilons.split(",") if x]:
-        runs.append((f"modegpt ε={eps:g}", SliceGPTConfig(sparsity=args.sparsity, round_to=args.round_to,
+        runs.append((f"modegpt ε={eps:g}", SliceGPTConfig(slicing=args.slicing, round_to=args.round_to,
                                                           schedule="modegpt", epsilon=eps)))
 
     for sb in [float(x) for x in args.matched_slice_bases.split(",") if x]:
         runs.append((f"dynamic SB={sb:g}, params-matched", SliceGPTConfig(
-            sparsity=args.sparsity, round_to=args.round_to, schedule="dynamic", slice_base=sb)))
+            slicing=args.slicing, round_to=args.round_to, schedule="dynamic", slice_base=sb)))
 
     n_layers = len(scores.lr)
     rows, widths_by_run, details = [], {}, []
@@ -172,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         widths_by_run[d["name"]] = d["widths"]
         details.append(d)
     settings = {
-        "model": args.model, "hidden_size": hidden, "layers": n_layers, "sparsity": args.sparsity,
+        "model": args.model, "hidden_size": hidden, "layers": n_layers, "slicing": args.slicing,
         "round_to": args.round_to, "calibration": cal_desc, "calibration_batch_size": args.cal_batch_size,
-        "evaluation": f"{windows.shape[0]} windows × {args.eval_seqlen} tokens of {test.description} "
+        "evaluation": f"{windows.shape[0]} windows × {args.eval_seqlen} tokens of {test_description} "
                       f"({ntok} scored tokens)",
         "dtype": "float32", "device": "cpu", "slice_head": False, "damping": 0.01,
         "layer_scores": {"lr": scores.lr, "bi": scores.bi, "seconds": round(score_seconds, 1),
@@ -189,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             table.append([name, mean_w, round(ppl, 3), total, rel, non_emb, dec, round(secs, 1)])
         notes = [
             f"All schedules have the same total residual width (Σ_l d_l = {n_layers} × "
-            f"{round_width(hidden, args.sparsity, args.round_to)}); dynamic widths are rounded to multiples "
+            f"{round_width(hidden, args.slicing, args.round_to)}); dynamic widths are rounded to multiples "
             f"of {args.round_to} by largest remainder to hit that total exactly.",
             "Parameter counts are real counts of the compressed models. They differ between schedules "
             "even at equal total width for two reasons: the token embedding is vocab × d_0 (d_0 = the "
@@ -210,16 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         if any(r[0].endswith("params-matched") for r in rows):
             notes.append("'params-matched' runs: the same dynamic fractions, with the total width lowered in "
                          f"steps of {args.round_to} (largest-remainder rounding) until the real total parameter "
-                         "count is at most the constant schedule's; the count is predicted from the module "
-                         "shapes and asserted equal to the real count of the compressed model.")
+                         "count is at most the constant schedule's; the count is predicted on SliceGPT's plan by "
+                         "the one parameter counter and asserted equal to the real count of the compressed model.")
         if not final:
             notes.insert(0, "PARTIAL: the run was still in progress when this file was written.")
         out = {
-            "title": "Dynamic slicing vs constant slicing (SliceGPT, SmolLM2-135M, mean sparsity "
-                     f"{args.sparsity:g})",
+            "title": "Dynamic slicing vs constant slicing (SliceGPT, SmolLM2-135M, mean slicing "
+                     f"{args.slicing:g})",
             "command": command.strip(),
-            "date": datetime.date.today().isoformat(),
-            "machine": machine(),
             "settings": settings,
             "tables": [
                 {"title": f"WikiText-2 test perplexity and real parameter counts (dense: ppl "
@@ -237,39 +200,40 @@ def main(argv: list[str] | None = None) -> int:
             "runs": details,
             "total_seconds": round(time.perf_counter() - t_start, 1),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(tmp, args.out)
+        write_result(args.out, out)
         png = layer_widths_png(widths_by_run, hidden, {"LR": scores.lr, "BI": scores.bi},
-                               f"{args.model}, SliceGPT at mean sparsity {args.sparsity:g}")
+                               f"{args.model}, SliceGPT at mean slicing {args.slicing:g}")
         with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), plot_name), "wb") as fh:
             fh.write(png)
 
     for name, cfg in runs:
         if name in widths_by_run:
             continue
-        fractions = resolve_schedule(cfg.schedule, cfg.sparsity, n_layers, scores=scores, slice_base=cfg.slice_base,
+        fractions = resolve_schedule(cfg.schedule, cfg.slicing, n_layers, scores=scores, slice_base=cfg.slice_base,
                                      epsilon=cfg.epsilon, cap=cfg.max_layer_sparsity, full_width=hidden,
                                      multiple=cfg.round_to)
         predicted = None
         if name.endswith("params-matched"):
             const = details[0]
             assert const["name"] == "constant", "the constant run comes first"
-            offset = const["params"]["total"] - width_params(model, const["widths"], hidden)
-            widths, predicted = matched_widths(model, fractions, const["params"]["total"], offset, hidden,
-                                               cfg.round_to, cfg.max_layer_sparsity)
+            widths, predicted = matched_widths(model, cfg, fractions, const["params"]["total"])
             fractions = fractions_of(widths, hidden)
+        # The layer scores were measured once, so the schedule is resolved here and the method's own
+        # plan and surgery run at those fractions (what the pipeline does after scoring).
+        entry = get_method("slicegpt")
         m = copy.deepcopy(model)
         with measure() as meas:
-            result = slicegpt_compress(m, batches, cfg, CompressionContext(progress=progress), fractions=fractions)
-        widths = result.summary["attn_in_widths"]
+            plan = entry.plan(m, cfg, fractions)
+            summary = entry.apply(m, plan, cfg, MethodContext(batches, progress=progress, fractions=fractions))
+        wrong = plan.differences(Plan.of(m))
+        assert not wrong, wrong[:3]
+        widths = summary["attn_in_widths"]
         assert widths == widths_from_fractions(hidden, fractions, cfg.round_to)
         t = time.perf_counter()
         nll, _ = perplexity_of_windows(m, windows, progress=progress)
         ppl = math.exp(nll)
         params = count_parameters(m)
+        assert params == count_plan(plan).as_dict(), (params, count_plan(plan))
         if predicted is not None:
             assert predicted == params["total"], (predicted, params["total"])
         widths_by_run[name] = widths

@@ -6,41 +6,39 @@ WikiText-2 test (token-level ``exp(mean NLL)``).  Every method compresses its ow
 same dense model with the same calibration batches; time and memory are
 ``pipeline.compress``'s measurement (the method alone, calibration sampling excluded).
 
-Sizes: FASP removes ``--sparsity`` of the decoder parameters (real counts).  SliceGPT's sparsity
-is a residual-width fraction, so the script picks the SliceGPT width (multiple of ``--round-to``)
-whose real decoder count — shortcut matrices included — is closest to FASP's, computed exactly
-on the meta device before any calibration, and reports both counts.  MoDeGPT's ``sparsity`` is a
-share of decoder parameters like FASP's, so it runs at the same target.
+Sizes: FASP removes ``--target-params`` of the decoder parameters (real counts).  SliceGPT's
+``slicing`` is a residual-width fraction, so the script picks the SliceGPT width (multiple of
+``--round-to``) whose real decoder count — shortcut matrices included — is closest to FASP's,
+counted on the plan by the one counter before any calibration, and reports both counts.
+MoDeGPT's ``target_params`` is a share of decoder parameters like FASP's, so it runs at the same
+target.
 
     nice -n 5 python benchmarks/fasp.py --cal-nsamples 16 --cal-seqlen 2048 --eval-windows 16
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as dt
 import gc
-import importlib.util
 import json
 import math
-import os
-import shlex
-import sys
 import time
-from pathlib import Path
 
-import torch
-
-from common import machine, slicegpt_decoder_params
-from slicekit.data import load_text, sample_calibration
-from slicekit.evaluate import eval_windows, perplexity_of_windows
+from common import (
+    benchmark_parser,
+    calibration_request,
+    calibration_set,
+    command_line,
+    evaluation_windows,
+    setup,
+    slicegpt_matching,
+    write_result,
+)
+from slicekit.evaluate import perplexity_of_windows
+from slicekit.methods import available_methods
 from slicekit.methods.fasp import FASPConfig
-from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import count_parameters, load_model
-from slicekit.pipeline import CalibrationRequest, compress
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from slicekit.pipeline import compress
 
 
 def evaluate(model, windows) -> float:
@@ -51,8 +49,7 @@ def evaluate(model, windows) -> float:
 def run(name: str, method: str, cfg, dense, tok, batches, windows, args) -> dict:
     model = copy.deepcopy(dense)
     gc.collect()
-    cal = CalibrationRequest(nsamples=args.cal_nsamples, seqlen=args.cal_seqlen, batch_size=args.cal_batch_size,
-                             seed=args.seed)
+    cal = calibration_request(args)
     print(f"[{name}] compressing", flush=True)
     report = compress(model, tok, method, cfg, cal, progress=False, batches=batches)
     m = report.measurement
@@ -62,39 +59,28 @@ def run(name: str, method: str, cfg, dense, tok, batches, windows, args) -> dict
     print(f"[{name}] ppl {ppl:.3f} (eval {time.perf_counter() - t0:.0f} s)", flush=True)
     res = {"name": name, "method": method, "config": report.settings, "seconds": m.seconds,
            "rss_peak_mib": m.rss_peak / 2**20, "params": report.params_compressed, "ppl": ppl,
-           "summary": {k: v for k, v in report.result.summary.items() if k != "layers"}}
+           "summary": {k: v for k, v in report.summary.items() if k != "layers"}}
     del model
     gc.collect()
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsity", type=float, default=0.25)
-    p.add_argument("--cal-nsamples", type=int, default=16)
-    p.add_argument("--cal-seqlen", type=int, default=2048)
-    p.add_argument("--cal-batch-size", type=int, default=4)
-    p.add_argument("--eval-seqlen", type=int, default=2048)
-    p.add_argument("--eval-windows", type=int, default=16)
+    p = benchmark_parser("fasp", __doc__.splitlines()[0], threads=2)
+    p.add_argument("--target-params", type=float, default=0.25, help="share of decoder parameters removed")
     p.add_argument("--round-to", type=int, default=8)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", default="", help="comma-separated rows to skip: fasp,slicegpt,modegpt,fasp_plain,fasp_heads")
-    p.add_argument("--out", default=str(RESULTS / "fasp.json"))
     p.add_argument("--append", action="store_true",
                    help="add rows to an existing --out written with the same settings (dense and earlier rows "
                         "are reused, not re-measured); with --skip, run only the rows not skipped")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup(args)
     skip = {s for s in args.skip.split(",") if s}
 
     dense, tok = load_model(args.model)
-    cal_src = load_text("wikitext2", "validation", purpose="calibration")
-    calset = sample_calibration(tok, cal_src, args.cal_nsamples, args.cal_seqlen, args.seed)
+    calset = calibration_set(args, tok)
     batches = calset.batches(args.cal_batch_size)
-    test = load_text("wikitext2", purpose="eval")
-    windows = eval_windows(tok, test, args.eval_seqlen, args.eval_windows)
+    windows, test_description = evaluation_windows(args, tok)
     dense_params = count_parameters(dense)
     previous = None
     if args.append:
@@ -122,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             damping = r["config"].get("damping")
             if r["method"] == "fasp" and damping is not None and "damping" not in r["name"]:
                 r["name"] += f", damping {damping}"
-    this_command = "nice -n 5 python benchmarks/fasp.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    this_command = command_line("fasp.py", argv, prefix="nice -n 5 python")
     commands = [*commands, this_command]
     base_notes = [
         "SmolLM2-135M has 9 query heads in 3 KV groups per layer, so a KV group is a third of the attention; "
@@ -130,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "Times are wall-clock seconds of the compression alone on a shared 2-core CPU with several other jobs "
         "running, so they are upper bounds; the paper's 17 s for OPT-125M is on an RTX 4090",
         f"Calibration: {calset.description} (batches of {args.cal_batch_size}); evaluation: "
-        f"{windows.shape[0]} × {args.eval_seqlen} tokens of {test.description}",
+        f"{windows.shape[0]} × {args.eval_seqlen} tokens of {test_description}",
     ]
     d0 = dense_params["decoder"]
 
@@ -143,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "title": "FASP on SmolLM2-135M: perplexity and compression time at 25 % of decoder parameters",
             "command": " && ".join(commands),
-            "date": dt.date.today().isoformat(),
-            "machine": machine(),
-            "settings": {"model": args.model, "sparsity": args.sparsity, "cal_nsamples": args.cal_nsamples,
+            "settings": {"model": args.model, "target_params": args.target_params, "cal_nsamples": args.cal_nsamples,
                          "cal_seqlen": args.cal_seqlen, "cal_batch_size": args.cal_batch_size,
                          "eval_seqlen": args.eval_seqlen, "eval_windows": int(windows.shape[0]),
                          "round_to": args.round_to, "seed": args.seed, "threads": args.threads, "dtype": "float32"},
@@ -157,14 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             "raw": {"dense": {"params": dense_params, "ppl": dense_ppl}, "rows": rows, "notes": notes,
                     "commands": commands},
         }
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
+        write_result(args.out, result)
         print(json.dumps(result["tables"], indent=1), flush=True)
 
     if "fasp" not in skip:
-        fasp_row = run("FASP", "fasp", FASPConfig(sparsity=args.sparsity, round_to=args.round_to), dense, tok,
-                       batches, windows, args)
+        fasp_row = run("FASP", "fasp", FASPConfig(target_params=args.target_params, round_to=args.round_to), dense,
+                       tok, batches, windows, args)
         if fasp_row["config"].get("damping") is None:
             fasp_row["name"] = "FASP (default ridge δ = |S|/tokens)"
         rows.append(fasp_row)
@@ -172,36 +154,33 @@ def main(argv: list[str] | None = None) -> int:
                     and r["config"].get("attention_sparsity") is None)
     fasp_decoder = fasp_row["params"]["decoder"]
     fasp = fasp_row["summary"]
-    notes.append(f"[{fasp_row['name']}] " + f"FASP target {args.sparsity:.2%} of decoder parameters; achieved "
-                 f"{fasp['achieved_decoder_share']:.4%} ({d0:,} → {fasp_decoder:,}); attention: {fasp['attention']}; "
+    notes.append(f"[{fasp_row['name']}] " + f"FASP target {args.target_params:.2%} of decoder parameters; achieved "
+                 f"{1 - fasp_decoder / d0:.4%} ({d0:,} → {fasp_decoder:,}); attention: {fasp['attention']}; "
                  f"MLP widths {sorted(set(fasp['mlp_widths']))}, heads per layer "
                  f"{sorted({h for h in fasp['heads'] if h is not None})}")
     write()
     if "slicegpt" not in skip:
         hidden = dense.config.hidden_size
-        cands = {d: slicegpt_decoder_params(dense, d) for d in range(args.round_to, hidden + 1, args.round_to)}
-        width = min(cands, key=lambda d: abs(cands[d] - fasp_decoder))
-        sg_sparsity = 1 - width / hidden
-        print(f"SliceGPT width {width} (sparsity {sg_sparsity:.4f}): predicted decoder {cands[width]:,} "
+        sg_cfg, width, predicted = slicegpt_matching(dense, fasp_decoder, args.round_to)
+        print(f"SliceGPT width {width} (slicing {sg_cfg.slicing:.4f}): predicted decoder {predicted:,} "
               f"vs FASP {fasp_decoder:,}", flush=True)
-        row = run(f"SliceGPT (width {width})", "slicegpt", SliceGPTConfig(sparsity=sg_sparsity, round_to=args.round_to),
-                  dense, tok, batches, windows, args)
-        if row["params"]["decoder"] != cands[width]:
-            notes.append(f"SliceGPT decoder count predicted {cands[width]:,}, measured {row['params']['decoder']:,}")
+        row = run(f"SliceGPT (width {width})", "slicegpt", sg_cfg, dense, tok, batches, windows, args)
+        if row["params"]["decoder"] != predicted:
+            notes.append(f"SliceGPT decoder count predicted {predicted:,}, measured {row['params']['decoder']:,}")
         rows.append(row)
         notes.append(f"SliceGPT is matched on real decoder parameters: residual width {width} of {hidden} "
-                     f"(sparsity {sg_sparsity:.4f}, round_to {args.round_to}), {row['params']['decoder']:,} decoder "
+                     f"(slicing {sg_cfg.slicing:.4f}, round_to {args.round_to}), {row['params']['decoder']:,} decoder "
                      f"parameters including the shortcut matrices, vs FASP's {fasp_decoder:,}")
         write()
     if "modegpt" not in skip:
-        if importlib.util.find_spec("slicekit.methods.modegpt") is None:
-            notes.append("MoDeGPT: slicekit.methods.modegpt does not exist yet; not compared")
+        if "modegpt" not in available_methods():
+            notes.append("MoDeGPT: not available in this installation; not compared")
         else:
             try:
                 from slicekit.methods.modegpt import MoDeGPTConfig
 
-                rows.append(run("MoDeGPT (its defaults)", "modegpt", MoDeGPTConfig(sparsity=args.sparsity), dense,
-                                tok, batches, windows, args))
+                rows.append(run("MoDeGPT (its defaults)", "modegpt", MoDeGPTConfig(target_params=args.target_params),
+                                dense, tok, batches, windows, args))
             except Exception as err:  # a method under construction must not sink the FASP numbers
                 notes.append(f"MoDeGPT: failed when this benchmark ran ({type(err).__name__}: {str(err)[:200]}); "
                              "not compared")
@@ -209,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         write()
     if "fasp_plain" not in skip:
         rows.append(run("FASP without restoration (plain removal)", "fasp",
-                        FASPConfig(sparsity=args.sparsity, round_to=args.round_to, restore=False),
+                        FASPConfig(target_params=args.target_params, round_to=args.round_to, restore=False),
                         dense, tok, batches, windows, args))
         write()
     if "fasp_heads" not in skip:
         rows.append(run("FASP, 1 of 3 KV groups per layer", "fasp",
-                        FASPConfig(sparsity=args.sparsity, round_to=args.round_to, attention_sparsity=1 / 3),
+                        FASPConfig(target_params=args.target_params, round_to=args.round_to, attention_sparsity=1 / 3),
                         dense, tok, batches, windows, args))
         write()
     print(f"wrote {args.out}")

@@ -29,8 +29,6 @@ process.  Perplexity: token-level ``exp(mean NLL)`` over the same windows in bot
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import itertools
 import json
 import math
@@ -43,22 +41,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
-from common import machine
-from slicekit.data import load_text, sample_calibration
-from slicekit.evaluate import eval_windows, perplexity_of_windows
+from common import (
+    benchmark_parser,
+    calibration_request,
+    calibration_set,
+    command_line,
+    evaluation_windows,
+    setup,
+    write_result,
+)
+from slicekit.evaluate import perplexity_of_windows
 from slicekit.methods import get_method
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import load_model
-from slicekit.pipeline import CalibrationRequest, clone_model, compress
+from slicekit.pipeline import clone_model, compress
 from slicekit.profiling import release_memory
 from slicekit.schedules import round_width
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "reference_driver.py"
-RESULTS = HERE / "results"
 
 
 def reference_paths(args) -> tuple[dict | None, str]:
@@ -83,9 +86,10 @@ def reference_paths(args) -> tuple[dict | None, str]:
     return got, "reference (installed outside slicekit, called as a subprocess): " + "; ".join(where)
 
 
-def run_reference(ref: dict, data: str, out: str, sparsity: float, args, extra: list[str]) -> dict:
+def run_reference(ref: dict, data: str, out: str, slicing: float, args, extra: list[str]) -> dict:
+    """The reference at ``slicing`` (its "sparsity": the share of the residual width removed)."""
     cmd = [ref["python"], str(DRIVER), "--ref-src", ref["src"], "--model-path", ref["model"], "--data", data,
-           "--sparsity", str(sparsity), "--cal-batch-size", str(args.cal_batch_size),
+           "--sparsity", str(slicing), "--cal-batch-size", str(args.cal_batch_size),
            "--round-interval", str(args.round_to), "--threads", str(args.threads), "--json-out", out, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -106,23 +110,22 @@ def run_reference(ref: dict, data: str, out: str, sparsity: float, args, extra: 
 
 
 def run_reference_nc(ref: dict, data: str, tmp: str, args) -> dict:
-    print(f"sparsity {args.sparsity}: reference with the embedding centring undone", flush=True)
+    print(f"slicing {args.slicing}: reference with the embedding centring undone", flush=True)
     extra = ["--skip-dense-eval", "--keep-embedding-mean"] + (["--eval-fused"] if args.ref_eval_fused else [])
-    return run_reference(ref, data, os.path.join(tmp, "ref-nc.json"), args.sparsity, args, extra)
+    return run_reference(ref, data, os.path.join(tmp, "ref-nc.json"), args.slicing, args, extra)
 
 
-def run_ours(dense, tok, batches, windows, sparsity: float, args, evaluate: bool) -> dict:
+def run_ours(dense, tok, batches, windows, slicing: float, args, evaluate: bool) -> dict:
     model = clone_model(dense)
     release_memory(collect=True)
-    cal = CalibrationRequest(nsamples=args.cal_nsamples, seqlen=args.cal_seqlen, batch_size=args.cal_batch_size,
-                             seed=args.seed)
-    cfg = SliceGPTConfig(sparsity=sparsity, round_to=args.round_to)
+    cal = calibration_request(args)
+    cfg = SliceGPTConfig(slicing=slicing, round_to=args.round_to)
     report = compress(model, tok, "slicegpt", cfg, cal, progress=False, batches=batches)
     m = report.measurement
     res = {"compression": {"seconds": m.seconds, "rss_before_mib": m.rss_before / 2**20,
                            "rss_peak_mib": m.rss_peak / 2**20, "rss_added_mib": m.rss_added / 2**20},
            "params_dense": report.params_original, "params_sliced": report.params_compressed,
-           "width": report.result.summary["attn_in_widths"][0]}
+           "width": report.summary["attn_in_widths"][0]}
     print(f"  slicekit compression {m.seconds:.1f} s, peak RSS {m.rss_peak / 2**20:.0f} MiB "
           f"(+{m.rss_added / 2**20:.0f} MiB)", flush=True)
     if evaluate:
@@ -138,35 +141,27 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="slicekit model (alias, directory or GGUF)")
+def main(argv: list[str] | None = None) -> None:
+    ap = benchmark_parser("slicegpt_vs_reference", __doc__.split("\n\n")[0], cal_nsamples=32, cal_batch_size=8,
+                          threads=2)
     ap.add_argument("--ref-python", default=None)
     ap.add_argument("--ref-src", default=None)
     ap.add_argument("--ref-model", default=None)
-    ap.add_argument("--sparsity", type=float, default=0.25, help="the sparsity the bars are checked at")
+    ap.add_argument("--slicing", type=float, default=0.25,
+                    help="the share of the residual width removed at which the bars are checked")
     ap.add_argument("--sweep", type=floats, default=floats("0.1,0.2,0.3"),
-                    help="extra sparsities for the monotonicity check (slicekit; comma separated)")
-    ap.add_argument("--ref-sweep", action="store_true", help="also run the reference at the sweep sparsities")
+                    help="extra slicing values for the monotonicity check (slicekit; comma separated)")
+    ap.add_argument("--ref-sweep", action="store_true", help="also run the reference at the sweep values")
     ap.add_argument("--ref-no-centering", action="store_true",
                     help="also run the reference with its embedding centring undone (quantifies that bug)")
     ap.add_argument("--ref-eval-fused", action="store_true",
                     help="also evaluate the reference's model right after fusion (shows what centring changes)")
-    ap.add_argument("--cal-nsamples", type=int, default=32)
-    ap.add_argument("--cal-seqlen", type=int, default=2048)
-    ap.add_argument("--cal-batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--eval-seqlen", type=int, default=2048)
-    ap.add_argument("--eval-windows", type=int, default=16, help="the first K windows of WikiText-2 test")
     ap.add_argument("--round-to", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1, help="timed repetitions at --sparsity (alternating)")
-    ap.add_argument("--out", default=str(RESULTS / "slicegpt_vs_reference.json"))
+    ap.add_argument("--repeats", type=int, default=1, help="timed repetitions at --slicing (alternating)")
     ap.add_argument("--raw-out", default=None, help="also write every measurement (both tools) to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup(args)
     ref, ref_line = reference_paths(args)
     print(ref_line, flush=True)
     notes = [ref_line]
@@ -174,9 +169,8 @@ def main() -> None:
     get_method("slicegpt")  # fail early if the method cannot be loaded
     dense, tok = load_model(args.model)
     hidden = dense.config.hidden_size
-    cal_source = load_text("wikitext2", purpose="calibration")
-    cal = sample_calibration(tok, cal_source, args.cal_nsamples, args.cal_seqlen, args.seed, "documents")
-    windows = eval_windows(tok, load_text("wikitext2"), args.eval_seqlen, args.eval_windows)
+    cal = calibration_set(args, tok)
+    windows, _ = evaluation_windows(args, tok)
     batches = cal.batches(args.cal_batch_size)
     print(f"calibration: {cal.description}; eval: {windows.shape[0]} windows × {windows.shape[1]} of WikiText-2 test",
           flush=True)
@@ -186,7 +180,7 @@ def main() -> None:
     ours_dense = math.exp(nll)
     print(f"slicekit dense ppl {ours_dense:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    sparsities = [args.sparsity] + [s for s in args.sweep if s != args.sparsity]
+    sparsities = [args.slicing] + [s for s in args.sweep if s != args.slicing]
     ours: dict[float, list[dict]] = {}
     theirs: dict[float, list[dict]] = {}
     theirs_nc: dict | None = None
@@ -194,20 +188,20 @@ def main() -> None:
         data = os.path.join(tmp, "ids.safetensors")
         save_file({"cal_input_ids": cal.input_ids.contiguous(), "eval_input_ids": windows.contiguous()}, data)
         for s in sparsities:
-            if s != args.sparsity and ref is not None and args.ref_no_centering and theirs_nc is None:
+            if s != args.slicing and ref is not None and args.ref_no_centering and theirs_nc is None:
                 theirs_nc = run_reference_nc(ref, data, tmp, args)
-            reps = args.repeats if s == args.sparsity else 1
-            with_ref = ref is not None and (s == args.sparsity or args.ref_sweep)
+            reps = args.repeats if s == args.slicing else 1
+            with_ref = ref is not None and (s == args.slicing or args.ref_sweep)
             for r in range(reps):
-                print(f"sparsity {s} (run {r + 1}/{reps})", flush=True)
+                print(f"slicing {s} (run {r + 1}/{reps})", flush=True)
                 ours.setdefault(s, []).append(run_ours(dense, tok, batches, windows, s, args, evaluate=r == 0))
                 if with_ref:
                     extra = []
-                    if s != args.sparsity or r > 0 or theirs:
+                    if s != args.slicing or r > 0 or theirs:
                         extra.append("--skip-dense-eval")
                     if r > 0:
                         extra.append("--skip-sliced-eval")
-                    if args.ref_eval_fused and s == args.sparsity and r == 0:
+                    if args.ref_eval_fused and s == args.slicing and r == 0:
                         extra.append("--eval-fused")
                     out = os.path.join(tmp, f"ref-{s}-{r}.json")
                     theirs.setdefault(s, []).append(run_reference(ref, data, out, s, args, extra))
@@ -218,7 +212,7 @@ def main() -> None:
     def best(runs: list[dict], key: str) -> float:  # median over repeats (mean of the middle two if even)
         return statistics.median(r["compression"][key] for r in runs)
 
-    s0 = args.sparsity
+    s0 = args.slicing
     o0 = ours[s0]
     main_cols = ["tool", "ppl dense", f"ppl sliced ({s0})", "compression s", "peak RSS MiB", "added RSS MiB",
                  "RSS before MiB", "params dense", "params sliced", "non-embedding params sliced"]
@@ -257,7 +251,7 @@ def main() -> None:
         if theirs_nc is not None:
             r = o0[0]["ppl_sliced"]["ppl"] / theirs_nc["ppl_sliced"]["ppl"]
             bars_rows.append(["sliced perplexity vs reference with centring undone", round(r, 4), "≤ 1.02", r <= 1.02])
-    tables.append({"title": f"SmolLM2-135M, sparsity {s0}: slicekit and the SliceGPT reference", "columns": main_cols,
+    tables.append({"title": f"SmolLM2-135M, slicing {s0}: slicekit and the SliceGPT reference", "columns": main_cols,
                    "rows": main_rows})
     if bars_rows:
         tables.append({"title": "Bars (ratio = slicekit / reference)", "columns": ["metric", "ratio", "bar", "passes"],
@@ -273,10 +267,10 @@ def main() -> None:
         sweep_rows.append(row)
     ppls = [r[2] for r in sweep_rows]
     monotone = all(a < b for a, b in itertools.pairwise(ppls))
-    tables.append({"title": "Sparsity sweep (same calibration ids and windows)",
-                   "columns": ["sparsity", "width", "slicekit ppl", "slicekit s", "slicekit params",
+    tables.append({"title": "Slicing sweep (same calibration ids and windows)",
+                   "columns": ["slicing", "width", "slicekit ppl", "slicekit s", "slicekit params",
                                "reference ppl", "reference s"], "rows": sweep_rows})
-    notes.append(f"slicekit perplexity rises monotonically with sparsity over {sorted(ours)}: {monotone}")
+    notes.append(f"slicekit perplexity rises monotonically with slicing over {sorted(ours)}: {monotone}")
     if ref is not None:
         t0 = theirs[s0][0]
         if "ppl_fused" in t0:
@@ -298,10 +292,8 @@ def main() -> None:
     ]
     result = {
         "title": "SliceGPT: slicekit vs the reference implementation",
-        "command": "python " + shlex.join(["benchmarks/slicegpt_vs_reference.py", *sys.argv[1:]]),
-        "date": dt.date.today().isoformat(),
-        "machine": machine(),
-        "settings": {"model": args.model, "sparsity": s0, "sweep": sorted(ours), "calibration": cal.description,
+        "command": command_line("slicegpt_vs_reference.py", argv),
+        "settings": {"model": args.model, "slicing": s0, "sweep": sorted(ours), "calibration": cal.description,
                      "cal_batch_size": args.cal_batch_size, "eval_windows": int(windows.shape[0]),
                      "eval_seqlen": args.eval_seqlen, "threads": args.threads, "repeats": args.repeats,
                      "round_to": args.round_to, "reference": ref_line},
@@ -314,9 +306,7 @@ def main() -> None:
                "reference_centring_undone": theirs_nc, "slicekit_dense_nll": nll, "eval_tokens": count}
         with open(args.raw_out, "w") as fh:
             json.dump(raw, fh, indent=2, default=str)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2, default=str)
+    write_result(args.out, result)
     for t in tables:
         print(f"\n{t['title']}\n  " + " | ".join(t["columns"]))
         for row in t["rows"]:

@@ -2,8 +2,9 @@
 
     python benchmarks/speed.py [--methods slicegpt,modegpt,fasp] [--repeats 3]
 
-Each compressed model is built at 25 % (SliceGPT: sparsity 0.25, the paper's setting; the others:
-25 % of decoder parameters removed) with a small calibration set (speed does not depend on it),
+Each compressed model is built at 25 % (SliceGPT: slicing 0.25 of the residual width, the paper's
+setting; the others: ``target_params`` 0.25 of decoder parameters removed) with a small calibration
+set (speed does not depend on it),
 then all models are measured in alternating rounds in this one process (`slicekit.bench`):
 prefill tokens/s at 1 × 2048 and 8 × 512, decode tokens/s at batch 1 and 8 with the KV cache.
 The "ideal" column is the ratio of matrix FLOPs per token (linears, shortcut matrices, head).
@@ -13,35 +14,45 @@ never saved) shows what the shortcuts cost.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import torch
 
-from common import method_config, write_result
+from common import (
+    benchmark_parser,
+    calibration_request,
+    calibration_set,
+    command_line,
+    method_config,
+    setup,
+    write_result,
+)
 from slicekit.arch import get_arch
 from slicekit.bench import BenchSettings, bench_models, linear_flops_per_token
 from slicekit.methods import available_methods
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import count_parameters, load_model
-from slicekit.pipeline import CalibrationRequest, calibration_batches, compress
+from slicekit.pipeline import compress
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = benchmark_parser("speed", __doc__.splitlines()[0], evaluation=False, cal_nsamples=8, cal_seqlen=512,
+                          cal_batch_size=8)
     ap.add_argument("--methods", default=",".join(available_methods()))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--share", type=float, default=0.25)
-    args = ap.parse_args()
+    ap.add_argument("--share", type=float, default=0.25, help="share of decoder parameters removed (not SliceGPT)")
+    args = ap.parse_args(argv)
+    setup(args)
     torch.manual_seed(0)
-    dense, tok = load_model("smollm2-135m")
-    cal = CalibrationRequest(nsamples=8, seqlen=512, batch_size=8)
-    batches, cal_desc = calibration_batches(tok, cal)
+    dense, tok = load_model(args.model)
+    cal = calibration_request(args)
+    calset = calibration_set(args, tok)
+    batches, cal_desc = calset.batches(args.cal_batch_size), calset.description
     models = {"dense": dense}
     for method in [m for m in args.methods.split(",") if m]:
         m = copy.deepcopy(dense)
-        config = SliceGPTConfig(sparsity=0.25) if method == "slicegpt" else method_config(method, m, args.share)
+        config = SliceGPTConfig(slicing=0.25) if method == "slicegpt" else method_config(method, args.share)
         compress(m, tok, method, config, cal, progress=False, batches=batches)
         models[method] = m
         print(f"built {method}: {count_parameters(m)}", file=sys.stderr, flush=True)
@@ -82,12 +93,12 @@ def main() -> None:
         notes.append(f"shortcut matrices: SliceGPT prefill 8×512 at {sg[7]:.3f}× dense with them, {ab[7]:.3f}× "
                      f"without (timing only) — they cost {100 * (1 - sg[6] / ab[6]):.1f} % of prefill throughput")
     doc = {"title": "Inference speed on CPU (SmolLM2-135M, 25 % models)",
-           "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+           "command": command_line("speed.py", argv),
            "settings": {"repeats": settings.repeats, "prompt_len": settings.prompt_len,
                         "new_tokens": settings.new_tokens, "threads": torch.get_num_threads()},
            "tables": [{"title": "tokens/s (median) and ratio to dense", "columns": cols, "rows": rows}],
            "notes": notes}
-    print(write_result("speed", doc))
+    print(write_result(args.out, doc))
     for r in rows:
         print(r)
 

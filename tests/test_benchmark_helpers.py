@@ -1,35 +1,192 @@
-"""The equal-size comparisons in the benchmarks rest on this analytic SliceGPT count: check it."""
+"""The benchmark scripts and what they share (benchmarks/common.py): the scripts import and parse
+against the current library, the shared writer keeps the result schema, the SliceGPT size
+matching rests on the library's one counter, and the scripts run end to end on a tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tiny import ARCHS, tiny_inputs, tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from common import slicegpt_decoder_params, slicegpt_sparsity_for_decoder_share
-from slicekit.methods import CompressionContext
-from slicekit.methods.slicegpt import SliceGPTConfig, compress
+from slicekit.methods import available_methods, get_method
+from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import count_parameters
+from slicekit.pipeline import compress
+from slicekit.shape import count_plan
+from tiny import save_tiny_with_tokenizer, tiny_calibration, tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_analytic_slicegpt_count_equals_real_count(arch):
-    model = tiny_model(arch)
-    predicted = slicegpt_decoder_params(model, 40)
-    compress(model, [tiny_inputs(2, 32)], SliceGPTConfig(sparsity=24 / 64), CompressionContext(progress=False))
-    assert count_parameters(model)["decoder"] == predicted
+def _common():
+    """benchmarks/common.py as a module, loaded from its file (the benchmarks are not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_share_search_picks_the_closest_width():
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=BENCHMARKS.parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_bench")
+    save_tiny_with_tokenizer(d)
+    return d
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_imports_and_offers_the_shared_options(script):
+    proc = _run(script, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for option in ("--model", "--cal-nsamples", "--cal-seqlen", "--cal-batch-size", "--seed", "--threads", "--out"):
+        assert option in proc.stdout, (script, option)
+    assert "--sparsity" not in proc.stdout  # slicing (width) or target-params (decoder share), never ambiguous
+
+
+def test_shared_parser_takes_each_scripts_defaults():
+    common = _common()
+    args = common.benchmark_parser("quality", eval_windows=8, cal_batch_size=2).parse_args([])
+    assert (args.eval_windows, args.cal_batch_size, args.cal_nsamples, args.seed) == (8, 2, 16, 42)
+    assert args.cal_split == "validation" and Path(args.out) == BENCHMARKS / "results" / "quality.json"
+    args = common.benchmark_parser("speed", evaluation=False).parse_args(["--cal-nsamples", "3", "--out", "x.json"])
+    assert args.cal_nsamples == 3 and args.out == "x.json" and not hasattr(args, "eval_windows")
+    with pytest.raises(ValueError, match="not shared"):
+        common.benchmark_parser("x", eval_window=8)
+
+
+def _doc(**extra):
+    return {"title": "t", "command": "python benchmarks/x.py", "settings": {"a": 1},
+            "tables": [{"title": "tab", "columns": ["a", "b"], "rows": [[1, 2.5], ["x", None]]}],
+            "notes": ["n"], **extra}
+
+
+def test_writer_fills_checks_and_scrubs(tmp_path, monkeypatch):
+    common = _common()
+    data = tmp_path / "data"
+    monkeypatch.setenv("SLICEKIT_DATA_DIR", str(data))
+    doc = _doc(notes=[f"calibration from {data}/wikitext-2/wiki.valid.tokens",
+                      f"written by {BENCHMARKS / 'x.py'}"], raw={"kept": True})
+    path = common.write_result(tmp_path / "r" / "x.json", doc)
+    assert path == tmp_path / "r" / "x.json" and [p.name for p in path.parent.iterdir()] == ["x.json"]
+    got = json.loads(path.read_text())
+    assert set(common.SCHEMA) <= set(got) and got["raw"] == {"kept": True} and got["plots"] == []
+    assert len(got["date"]) == 10 and got["date"][4] == "-" and "CPU cores" in got["machine"]
+    assert got["tables"] == doc["tables"]
+    assert got["notes"] == ["calibration from $SLICEKIT_DATA_DIR/wikitext-2/wiki.valid.tokens",
+                            "written by benchmarks/x.py"]
+    assert str(tmp_path) not in path.read_text().replace(str(data), "")  # no machine path left
+    bad = [_doc(title=None), _doc(tables=[{"title": "t", "columns": ["a"], "rows": [[1, 2]]}]),
+           {k: v for k, v in _doc().items() if k != "command"}, _doc(notes=[3])]
+    for doc in bad:
+        with pytest.raises(ValueError):
+            common.write_result(tmp_path / "bad.json", doc)
+    assert not (tmp_path / "bad.json").exists() and not list(tmp_path.glob(".bad.json*"))
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")  # a bare name means results/<name>.json
+    assert common.write_result("name_only", _doc()) == tmp_path / "results" / "name_only.json"
+
+
+def test_method_configs_ask_every_method_for_the_share():
+    common = _common()
+    for method in available_methods():
+        config = common.method_config(method, 0.2)
+        assert isinstance(config, get_method(method).config_cls) and config.target_params == 0.2
+
+
+def test_slicegpt_matching_picks_the_closest_width_by_the_one_counter():
+    """SliceGPT matched to another model's decoder count: the width (multiple of 8) whose planned
+    real count is closest, and that plan's count is the compressed model's real count."""
+    common = _common()
     model = tiny_model("llama")
+    entry = get_method("slicegpt")
     dense = count_parameters(model)["decoder"]
-    sparsity, width, got = slicegpt_sparsity_for_decoder_share(model, 0.25)
-    assert width % 8 == 0 and sparsity == (64 - width) / 64
-    assert abs(got - (1 - slicegpt_decoder_params(model, width) / dense)) < 1e-12
-    for other in range(8, 65, 8):
-        assert abs(got - 0.25) <= abs(1 - slicegpt_decoder_params(model, other) / dense - 0.25) + 1e-12
+    counts = {w: count_plan(entry.plan(model, SliceGPTConfig(), [1 - w / 64] * 2)).decoder for w in range(8, 65, 8)}
+    for target in (round(0.75 * dense), round(0.5 * dense), counts[40] + 1):
+        config, width, predicted = common.slicegpt_matching(model, target)
+        assert predicted == counts[width] and config.slicing == 1 - width / 64
+        assert all(abs(predicted - target) <= abs(c - target) for c in counts.values())
+    assert width == 40
+    report = compress(model, None, "slicegpt", config, progress=False, batches=tiny_calibration())
+    assert report.summary["attn_in_widths"] == [40, 40]
+    real = sum(p.numel() for p in model.model.layers.parameters())
+    assert report.params_compressed["decoder"] == predicted == real
+    assert common.decoder_share_removed(report) == 1 - real / dense
+
+
+def _check_schema(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    _common().check_result(doc)
+    assert str(BENCHMARKS) not in path.read_text()
+    return doc
+
+
+SMALL = ["--cal-nsamples", "4", "--cal-seqlen", "64", "--cal-batch-size", "2", "--eval-seqlen", "64",
+         "--eval-windows", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def eval_text(data_dir, tmp_path_factory) -> str:
+    """A short evaluation text (the start of WikiText-2 test): the character-level tokenizer of the
+    tiny model would spend most of a run on the whole corpus."""
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text(Path(data_dir, "wikitext-2", "wiki.test.raw").read_text(encoding="utf-8")[:20_000])
+    return str(path)
+
+
+def test_quality_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
+    out = tmp_path / "quality.json"
+    proc = _run("quality", "--model", str(tiny_dir), "--methods", "slicegpt,modegpt,fasp", "--shares", "0.25",
+                *SMALL, "--eval-dataset", eval_text, "--ood-dataset", eval_text, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _check_schema(out)
+    rows = {r[0]: r for r in doc["tables"][0]["rows"]}
+    assert set(rows) == {"dense", "slicegpt", "modegpt", "fasp"}
+    for method in ("modegpt", "fasp"):  # the target is met against the one counter
+        assert abs(rows[method][2] - 0.25) < 0.02, rows[method]
+    assert rows["slicegpt"][5] < rows["dense"][5]
+    assert any(n.startswith("determinism check") and "identical" in n for n in doc["notes"])
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    cost = _check_schema(tmp_path / "cost.json")
+    assert [r[0] for r in cost["tables"][0]["rows"]] == ["slicegpt", "modegpt", "fasp"]
+
+
+@pytest.mark.parametrize("script", ["modegpt", "fasp", "dynamic_slicing", "slicegpt_vs_reference"])
+def test_comparison_scripts_run_on_a_tiny_model(script, tiny_dir, eval_text, tmp_path):
+    out = tmp_path / f"{script}.json"
+    extra = {"modegpt": ["--variants", "mlp,qk,vo"], "fasp": ["--skip", "fasp_plain,fasp_heads"],
+             "dynamic_slicing": ["--slice-bases", "0.05", "--matched-slice-bases", "0.05"],
+             "slicegpt_vs_reference": ["--sweep", "0.1"]}[script]
+    proc = _run(script, "--model", str(tiny_dir), *SMALL, *extra, "--eval-dataset", eval_text, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    doc = _check_schema(out)
+    rows = doc["tables"][0]["rows"]
+    if script in ("modegpt", "fasp"):  # SliceGPT matched on the one counter: predicted = measured
+        assert "differs from the predicted" not in proc.stderr  # modegpt.py warns there
+        assert not any(n.startswith("SliceGPT decoder count predicted") for n in doc["notes"])  # fasp.py notes it
+        names = [r[0] for r in rows]
+        assert any(n.startswith("SliceGPT") for n in names) and any("MoDeGPT" in n for n in names)
+    if script == "dynamic_slicing":
+        assert [r[0] for r in rows] == ["constant", "dynamic SB=0.05", "dynamic SB=0.05, params-matched"]
+        assert rows[2][3] <= rows[0][3]  # params-matched: total at most the constant schedule's
+        assert (tmp_path / "dynamic_slicing.png").read_bytes()[:4] == b"\x89PNG"
+    if script == "slicegpt_vs_reference":
+        assert "SKIPPED" in doc["notes"][0]
+        assert [r[0] for r in doc["tables"][-1]["rows"]] == [0.1, 0.25]
+
+
+def test_speed_runs_on_a_tiny_model(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "speed.json"
+    proc = _run("speed", "--model", str(tiny_dir), "--methods", "slicegpt,fasp", "--repeats", "1",
+                "--cal-nsamples", "2", "--cal-seqlen", "64", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r[0]: r for r in _check_schema(out)["tables"][0]["rows"]}
+    assert set(rows) == {"dense", "slicegpt", "fasp", "slicegpt (no shortcuts, timing only)"}
+    assert rows["fasp"][2] < rows["dense"][2] and rows["dense"][3] == 1.0

@@ -15,11 +15,9 @@ import torch
 
 from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
-from slicekit.methods import CompressionContext
-from slicekit.methods.slicegpt import SliceGPTConfig, compress
+from slicekit.methods.slicegpt import SliceGPTConfig
+from slicekit.pipeline import compress
 from tiny import ARCHS, tiny_inputs, tiny_model
-
-CTX = CompressionContext(progress=False)
 
 # A subprocess in which `import slicekit` fails: the checkpoint must load on transformers alone.
 NO_SLICEKIT = textwrap.dedent("""
@@ -33,11 +31,13 @@ NO_SLICEKIT = textwrap.dedent("""
 """)
 
 
-def _compressed(arch, sparsity=0.25):
+def _compressed(arch, slicing=0.25):
+    """A SliceGPT-compressed tiny model; the pipeline records its shape on the model, which is
+    what ``save`` writes."""
     model = tiny_model(arch)
     cal = [tiny_inputs(2, 32, seed=s) for s in range(3)]
-    result = compress(model, cal, SliceGPTConfig(sparsity=sparsity), CTX)
-    return model, result
+    report = compress(model, None, "slicegpt", SliceGPTConfig(slicing=slicing), progress=False, batches=cal)
+    return model, report
 
 
 def _logits(model, x):
@@ -55,7 +55,9 @@ def test_round_trip_in_process_and_without_slicekit(arch, tmp_path):
     x = tiny_inputs()
     ref = _logits(model, x)
     out = tmp_path / "ckpt"
-    assert save(model, None, str(out), shape=result.shape, info={"method": "slicegpt"}) == "slicekit"
+    assert save(model, None, str(out), info={"method": "slicegpt"}) == "slicekit"
+    saved = json.loads((out / "config.json").read_text())["slicekit"]["shape"]
+    assert saved == result.plan.shape()
     assert (out / "modeling_slicekit.py").is_file() and (out / "README.md").is_file()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")), "no pickles"
     loaded, _ = load(str(out))
@@ -81,8 +83,8 @@ def test_round_trip_in_process_and_without_slicekit(arch, tmp_path):
 
 
 def test_generate_with_cache_matches_in_memory_greedy(tmp_path):
-    model, result = _compressed("llama")
-    save(model, None, str(tmp_path / "c"), shape=result.shape)
+    model, _ = _compressed("llama")
+    save(model, None, str(tmp_path / "c"))
     loaded, _ = load(str(tmp_path / "c"))
     x = tiny_inputs(1, 8)
     model.config.use_cache = True
@@ -93,8 +95,8 @@ def test_generate_with_cache_matches_in_memory_greedy(tmp_path):
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-    model, result = _compressed("qwen2")
-    save(model, None, str(tmp_path / "s"), shape=result.shape, max_shard_size=20_000)
+    model, _ = _compressed("qwen2")
+    save(model, None, str(tmp_path / "s"), max_shard_size=20_000)
     assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "s").glob("model-*.safetensors"))) > 1
     loaded, _ = load(str(tmp_path / "s"))
@@ -125,9 +127,9 @@ def test_vanilla_config_when_shape_fits_original_architecture(tmp_path):
 
 
 def test_truncated_checkpoint_names_the_problem(tmp_path):
-    model, result = _compressed("llama")
+    model, _ = _compressed("llama")
     out = tmp_path / "t"
-    save(model, None, str(out), shape=result.shape)
+    save(model, None, str(out))
     f = out / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
@@ -138,9 +140,9 @@ def test_truncated_checkpoint_names_the_problem(tmp_path):
 def test_mismatched_checkpoint_names_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model, result = _compressed("llama")
+    model, _ = _compressed("llama")
     out = tmp_path / "m"
-    save(model, None, str(out), shape=result.shape)
+    save(model, None, str(out))
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :8].contiguous()
     del tensors["model.layers.1.self_attn.o_proj.weight"]
@@ -161,9 +163,9 @@ def test_missing_directory_and_config(tmp_path):
 
 def test_killed_save_leaves_previous_output_intact(tmp_path):
     """Kill a save midway (SIGKILL, no cleanup runs): the old checkpoint must still load."""
-    model, result = _compressed("llama")
+    model, _ = _compressed("llama")
     out = tmp_path / "ckpt"
-    save(model, None, str(out), shape=result.shape)
+    save(model, None, str(out))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     script = textwrap.dedent(f"""
         import sys, time
@@ -196,10 +198,17 @@ def test_killed_save_leaves_previous_output_intact(tmp_path):
 
 
 def test_counts_from_shape_respect_tied_embeddings():
-    """A model that keeps its tied head is counted once, as its real tensors are."""
+    """A model that keeps its tied head is counted once, as its real tensors are — by the one
+    counter on the model's plan, on the plan read back from a saved shape, and on the model the
+    loader builds from it."""
     from slicekit.models import count_parameters
-    from slicekit.shape import count_from_shape, describe
+    from slicekit.shape import Plan, count_built, count_plan
 
     model = tiny_model("llama")  # tie_word_embeddings=True
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert count_from_shape(model.config, describe(model)) == count_parameters(model)
+    real = sum(p.numel() for p in model.parameters())  # the shared matrix once
+    plan = Plan.of(model)
+    counts = count_plan(plan)
+    assert counts.total == real == count_parameters(model)["total"]
+    assert counts.total - counts.non_embedding == model.model.embed_tokens.weight.numel()
+    assert count_plan(Plan.from_shape(model.config, plan.shape())) == counts == count_built(plan)

@@ -43,7 +43,7 @@ def test_eval_json(tiny_dir, data_dir):
 
 def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
     out_dir = tmp_path / "c"
-    rc, out, err = run_cli("compress", "--model", str(tiny_dir), "--method", "slicegpt", "--sparsity", "0.25",
+    rc, out, err = run_cli("compress", "--model", str(tiny_dir), "--method", "slicegpt", "--slicing", "0.25",
                            "--cal-nsamples", "4", "--cal-seqlen", "64", "--out", str(out_dir), "--eval",
                            "--eval-seqlen", "64", "--eval-max-windows", "2", "--json", "--quiet")
     assert rc == 0, err
@@ -62,8 +62,10 @@ def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
         (["info", "--model", "/no/such/dir"], "not found"),
         (["eval", "--model", "TINY", "--dataset", "nonexistent-set"], "unknown dataset"),
         (["eval", "--model", "TINY", "--dataset", "/no/file.txt"], "not found"),
-        (["compress", "--model", "TINY", "--sparsity", "1.2"], "sparsity"),
-        (["compress", "--model", "TINY", "--sparsity", "0.25", "--cal-nsamples", "5000", "--cal-seqlen", "2048"],
+        (["compress", "--model", "TINY", "--slicing", "1.2"], "slicing"),
+        (["compress", "--model", "TINY", "--method", "fasp", "--target-params", "1.2"], "target_params"),
+        (["compress", "--model", "TINY", "--sparsity", "0.25"], "unrecognized arguments: --sparsity"),
+        (["compress", "--model", "TINY", "--slicing", "0.25", "--cal-nsamples", "5000", "--cal-seqlen", "2048"],
          "too little calibration text"),
         (["eval", "--model", "TINY", "--dataset", "wikitext2", "--seqlen", "100000000"], "fewer than one window"),
     ],

@@ -14,16 +14,21 @@ import torch
 
 from slicekit.arch import get_arch, linear_weight
 from slicekit.checkpoint import load, save
-from slicekit.methods import CompressionContext
-from slicekit.methods.slicegpt import SliceGPTConfig, compress
+from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import count_parameters
+from slicekit.pipeline import CompressReport
+from slicekit.pipeline import compress as pipeline_compress
 from slicekit.schedules import round_width
 from slicekit.scores import layer_scores
-from slicekit.shape import count_from_shape
+from slicekit.shape import Plan, count_plan
 from tiny import logits, rel_error, save_tiny_with_tokenizer, tiny_calibration, tiny_inputs, tiny_model
 
-CTX = CompressionContext(progress=False)
 SCORE_ARCHS = ["llama", "opt", "gpt2", "gpt_neox", "phi", "phi3"]
+
+
+def compress(model, config: SliceGPTConfig) -> CompressReport:
+    """SliceGPT through the one entry point (which scores the layers when the schedule needs it)."""
+    return pipeline_compress(model, None, "slicegpt", config, progress=False, batches=tiny_calibration())
 
 
 def _reference_lr(model, batches):
@@ -86,8 +91,8 @@ def test_nonconstant_widths_are_exact_when_nothing_is_lost(arch):
     x = tiny_inputs()
     ref = logits(model, x)
     # dynamic slicing at mean 0.25 with a cap of 0.375 → widths 56/40 or 40/56 (both ≥ 40)
-    cfg = SliceGPTConfig(sparsity=0.25, schedule="dynamic", slice_base=0.0, max_layer_sparsity=0.375)
-    result = compress(model, tiny_calibration(), cfg, CTX)
+    cfg = SliceGPTConfig(slicing=0.25, schedule="dynamic", slice_base=0.0, max_layer_sparsity=0.375)
+    result = compress(model, cfg)
     widths = result.summary["attn_in_widths"]
     assert sorted(widths) == [40, 56]
     layers = get_arch(model.config).layer_list(model)
@@ -102,7 +107,7 @@ def test_full_width_file_schedule_is_exact(tmp_path):
         model = tiny_model(arch)
         x = tiny_inputs()
         ref = logits(model, x)
-        result = compress(model, tiny_calibration(), SliceGPTConfig(schedule=str(path)), CTX)
+        result = compress(model, SliceGPTConfig(schedule=str(path)))
         assert result.summary["attn_in_widths"] == [64, 64]
         assert get_arch(model.config).layer_list(model)[0].attn_shortcut is not None  # really rotated
         assert rel_error(logits(model, x), ref) <= 1e-4
@@ -117,9 +122,9 @@ def test_planned_widths_are_the_real_ones(arch, schedule, tmp_path):
         path = tmp_path / "w.json"
         path.write_text(json.dumps({"widths": [56, 32]}))
         schedule = str(path)
-    cfg = SliceGPTConfig(sparsity=0.25, schedule=schedule, slice_base=0.0, epsilon=0.05)
+    cfg = SliceGPTConfig(slicing=0.25, schedule=schedule, slice_base=0.0, epsilon=0.05)
     ref_scores = layer_scores(copy.deepcopy(model), tiny_calibration(), progress=False)
-    result = compress(model, tiny_calibration(), cfg, CTX)
+    result = compress(model, cfg)
     s = result.summary
     widths = s["attn_in_widths"]
     if schedule.endswith(".json"):
@@ -136,17 +141,21 @@ def test_planned_widths_are_the_real_ones(arch, schedule, tmp_path):
         out = widths[i + 1] if i + 1 < len(layers) else s["head_in_width"]
         assert linear_weight(layer.get_submodule(spec.block.mlp_writer)).shape[0] == out
     assert s["layer_fractions"] == pytest.approx([1 - w / 64 for w in widths])
-    assert count_from_shape(model.config, result.shape) == count_parameters(model)
+    assert result.plan.shape() == Plan.of(model).shape()
+    counted = count_parameters(model)
+    assert count_plan(result.plan).as_dict() == counted == result.params_compressed
+    assert counted["total"] == sum(p.numel() for p in model.parameters())
+    assert counted["decoder"] == sum(p.numel() for p in layers.parameters())
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "phi"])
 def test_save_load_round_trip_with_nonconstant_widths(arch, tmp_path):
     model = tiny_model(arch)
-    result = compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.3, schedule="dynamic", slice_base=0.05), CTX)
+    result = compress(model, SliceGPTConfig(slicing=0.3, schedule="dynamic", slice_base=0.05))
     assert len(set(result.summary["attn_in_widths"])) > 1
     x = tiny_inputs()
     ref = logits(model, x)
-    save(model, None, str(tmp_path / "ckpt"), shape=result.shape)
+    save(model, None, str(tmp_path / "ckpt"))
     loaded, _ = load(str(tmp_path / "ckpt"))
     assert rel_error(logits(loaded, x), ref) <= 1e-6
 
@@ -158,7 +167,7 @@ def test_compression_error_is_reasonable_for_dynamic_widths():
     for schedule in ("constant", "dynamic"):
         model = tiny_model("llama")
         ref = logits(model, x)
-        compress(model, tiny_calibration(), SliceGPTConfig(sparsity=0.25, schedule=schedule), CTX)
+        compress(model, SliceGPTConfig(slicing=0.25, schedule=schedule))
         errs[schedule] = rel_error(logits(model, x), ref)
     assert 0 < errs["dynamic"] < 1.0 and errs["dynamic"] < 3 * errs["constant"]
 
@@ -201,7 +210,7 @@ def test_cli_info_layer_scores_json(tiny_dir, data_dir):
 
 @pytest.mark.parametrize("schedule", ["dynamic", "file"])
 def test_cli_compress_schedule_writes_plot(tiny_dir, data_dir, tmp_path, schedule):
-    extra = ["--schedule", "dynamic", "--sparsity", "0.25", "--slice-base", "0.05"]
+    extra = ["--schedule", "dynamic", "--slicing", "0.25", "--slice-base", "0.05"]
     if schedule == "file":
         path = tmp_path / "w.json"
         path.write_text(json.dumps({"widths": [48, 32]}))
@@ -227,6 +236,6 @@ def test_cli_compress_schedule_writes_plot(tiny_dir, data_dir, tmp_path, schedul
 def test_cli_rejects_bad_schedule_settings(tiny_dir):
     rc, _, err = run_cli("compress", "--model", str(tiny_dir), "--schedule", "wiggly", "--quiet")
     assert rc == 2 and "unknown schedule" in err
-    rc, _, err = run_cli("compress", "--model", str(tiny_dir), "--schedule", "dynamic", "--sparsity", "0.2",
+    rc, _, err = run_cli("compress", "--model", str(tiny_dir), "--schedule", "dynamic", "--slicing", "0.2",
                          "--slice-base", "0.3", "--quiet")
     assert rc == 2 and "slice_base" in err

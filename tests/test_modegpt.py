@@ -12,22 +12,54 @@ import sys
 import pytest
 import torch
 
+from slicekit.arch import get_arch, linear_weight, set_linear
 from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
-from slicekit.methods import CompressionContext, get_method
-from slicekit.methods.modegpt import MoDeGPTConfig, compress
+from slicekit.methods import MethodContext, get_method
+from slicekit.methods.modegpt import MoDeGPTConfig
 from slicekit.methods.modegpt.procedure import attention_geometry
-from slicekit.modeling_slicekit import ReducedAttention, equal_head_dims
+from slicekit.modeling_slicekit import ReducedAttention, make_reduced_attention
 from slicekit.models import count_parameters
-from slicekit.shape import count_from_shape, describe
+from slicekit.pipeline import CompressReport
+from slicekit.pipeline import compress as pipeline_compress
+from slicekit.shape import Plan, count_plan
 from tiny import ARCHS, tiny_inputs, tiny_model
 
-CTX = CompressionContext(progress=False)
 ATTENTION_ARCHS = ["llama", "mistral", "qwen2", "opt", "phi"]  # families whose heads can be narrowed
 
 
 def _cal(n: int = 3):
     return [tiny_inputs(4, 32, seed=10 + s) for s in range(n)]
+
+
+def compress(model, config: MoDeGPTConfig, batches=None) -> CompressReport:
+    """MoDeGPT through the one entry point (schedule, scores and the parameter target are the pipeline's)."""
+    return pipeline_compress(model, None, "modegpt", config, progress=False,
+                             batches=_cal() if batches is None else batches)
+
+
+def compress_at(model, config: MoDeGPTConfig, fractions: list[float], batches) -> dict:
+    """MoDeGPT at explicit per-layer sparsities: the method's own plan, then its surgery; the
+    result must be the plan."""
+    entry = get_method("modegpt")
+    plan = entry.plan(model, config, fractions)
+    summary = entry.apply(model, plan, config, MethodContext(batches, fractions=fractions, progress=False))
+    assert plan.differences(Plan.of(model)) == []
+    return summary
+
+
+def _removed(report: CompressReport) -> float:
+    return 1 - report.params_compressed["decoder"] / report.params_original["decoder"]
+
+
+def _real_counts(model) -> dict[str, int]:
+    """Counts from the tensors themselves (tied ones once), independent of any plan."""
+    spec = get_arch(model.config)
+    total = sum(p.numel() for p in model.parameters())
+    emb = {id(p): p.numel() for m in [*spec.embeddings(model), model.get_submodule(spec.head)]
+           for p in m.parameters(recurse=False)}
+    return {"total": total, "non_embedding": total - sum(emb.values()),
+            "decoder": sum(p.numel() for p in spec.layer_list(model).parameters())}
 
 
 def _logits(model, x=None):
@@ -43,8 +75,8 @@ def _rel(a, b):
 def test_nothing_removed_is_exact(arch):
     model = tiny_model(arch)
     ref = _logits(model)
-    res = compress(model, _cal(), MoDeGPTConfig(sparsity=0.0, schedule="constant"), CTX)
-    assert res.summary["decoder_share_removed"] == 0.0
+    res = compress(model, MoDeGPTConfig(target_params=0.0, schedule="constant"))
+    assert _removed(res) == 0.0
     assert _rel(_logits(model), ref) < 1e-5
 
 
@@ -56,36 +88,56 @@ def test_reduced_attention_with_all_dims_is_exact(arch):
     ref = _logits(model)
     x = tiny_inputs(1, 6)
     gen_ref = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True)
-    from slicekit.arch import get_arch
-
     spec = get_arch(model.config)
     geo = attention_geometry(model, spec)
     assert geo is not None
     for layer in spec.layer_list(model):
-        attn = layer.get_submodule(geo.path)
-        setattr(layer, geo.path, ReducedAttention(attn, {
+        attn = make_reduced_attention(layer.get_submodule(geo.path), {
             "q": geo.q, "k": geo.k, "v": geo.v, "o": geo.o, "num_heads": geo.num_heads,
             "num_kv_heads": geo.num_kv_heads, "qk_dim": geo.head_dim, "v_dim": geo.head_dim,
-            "rotary_dim": geo.rotary_dim, "qk_index": [list(range(geo.head_dim))] * geo.num_kv_heads,
-            "scaling": float(getattr(attn, "scaling", geo.head_dim ** -0.5))}))
+            "rotary_dim": geo.rotary_dim})
+        attn.qk_index.copy_(torch.arange(geo.head_dim).repeat(geo.num_kv_heads, 1))
+        assert isinstance(layer.get_submodule(geo.path), ReducedAttention)
     assert _rel(_logits(model), ref) < 1e-5
     assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True), gen_ref)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize(("dq", "dv"), [(12, 16), (16, 10), (8, 8)])
-def test_padding_head_dims_leaves_attention_unchanged(dq, dv):
-    """The fused-kernel padding of ReducedAttention: same output as attention on the unequal
-    sizes (the math path), causal and not."""
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 9, dq, generator=g), torch.randn(2, 4, 9, dq, generator=g)
-    v = torch.randn(2, 4, 9, dv, generator=g)
-    pq, pk, pv = equal_head_dims(q, k, v)
-    assert pq.shape[-1] == pk.shape[-1] == pv.shape[-1] == max(dq, dv)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    for causal in (True, False):
-        want = sdpa(q, k, v, is_causal=causal, scale=0.3)
-        got = sdpa(pq, pk, pv, is_causal=causal, scale=0.3)[..., :dv]
-        assert torch.allclose(got, want, atol=1e-6)
+def test_padding_head_dims_leaves_attention_unchanged(dq, dv, impl):
+    """The fused-kernel padding of ReducedAttention (q/k/v zero-padded per head to one size, the
+    padding dropped before the output projection) changes nothing: a Llama whose heads only use
+    ``dq`` query/key dims (whole rotary pairs) and ``dv`` value dims gives the same logits once its
+    heads are narrowed to exactly those dims, with transformers' SDPA kernel and its eager path."""
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16, full rotary
+    model.set_attn_implementation(impl)
+    d, half, heads, kv = 16, 8, 4, 2
+    keep = torch.tensor(list(range(dq // 2)) + list(range(half, half + dq // 2)))  # rotary pairs (j, j + 8)
+    drop_qk = torch.tensor([j for j in range(d) if j not in set(keep.tolist())], dtype=torch.long)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for lin, n in ((attn.q_proj, heads), (attn.k_proj, kv)):
+                lin.weight.view(n, d, -1)[:, drop_qk] = 0
+            attn.v_proj.weight.view(kv, d, -1)[:, dv:] = 0
+    x = tiny_inputs(2, 12)
+    ref = _logits(model, x)
+
+    def rows(n: int, idx: torch.Tensor) -> torch.Tensor:  # the rows ``idx`` of each of ``n`` heads
+        return torch.cat([h * d + idx for h in range(n)])
+
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        set_linear(attn.q_proj, linear_weight(attn.q_proj)[rows(heads, keep)].clone())
+        set_linear(attn.k_proj, linear_weight(attn.k_proj)[rows(kv, keep)].clone())
+        set_linear(attn.v_proj, linear_weight(attn.v_proj)[rows(kv, torch.arange(dv))].clone())
+        set_linear(attn.o_proj, linear_weight(attn.o_proj)[:, rows(heads, torch.arange(dv))].clone())
+        make_reduced_attention(attn, {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "num_heads": heads,
+                                      "num_kv_heads": kv, "qk_dim": dq, "v_dim": dv, "rotary_dim": dq})
+        attn.qk_index.copy_(keep.repeat(kv, 1))
+        assert attn.head_dim == max(dq, dv)  # transformers' forward sees one padded head size
+    assert attn.q_proj.weight.shape == (heads * dq, 64) and attn.v_proj.weight.shape == (kv * dv, 64)
+    assert _rel(_logits(model, x), ref) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -94,13 +146,13 @@ def test_compress_save_load_generate(arch, tmp_path):
 
     model = tiny_model(arch)
     before = count_parameters(model)
-    res = compress(model, _cal(), MoDeGPTConfig(sparsity=0.25), CTX)
+    res = compress(model, MoDeGPTConfig(target_params=0.25))
     after = count_parameters(model)
     share = 1 - after["decoder"] / before["decoder"]
-    assert share == pytest.approx(res.summary["decoder_share_removed"])
+    assert share == pytest.approx(_removed(res))
     assert abs(share - 0.25) < 0.01
-    assert res.shape == describe(model)
-    assert count_from_shape(model.config, res.shape) == after
+    assert res.plan.shape() == Plan.of(model).shape()
+    assert count_plan(res.plan).as_dict() == after == _real_counts(model)
     if arch in ATTENTION_ARCHS:
         assert any(isinstance(m, ReducedAttention) for m in model.modules())
         assert res.summary["skipped_modules"] == []
@@ -122,24 +174,28 @@ def test_compress_save_load_generate(arch, tmp_path):
 def test_gqa_groups_share_dims_and_rotary_pairs_stay_together():
     model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16, full rotary
     orig = copy.deepcopy(model)
-    compress(model, _cal(), MoDeGPTConfig(modules="qk"), CTX, fractions=[0.5, 0.3])
+    compress_at(model, MoDeGPTConfig(modules="qk"), [0.5, 0.3], _cal())
     d, half, grp = 16, 8, 2
+    kept = []
     for layer, ref in zip(model.model.layers, orig.model.layers, strict=True):
         attn = layer.self_attn
         assert isinstance(attn, ReducedAttention)
-        m = attn.qk_dim
-        assert m % 2 == 0 and m < d and attn.rotary_dim == m
-        for row in attn.qk_index:
+        m = attn.sk_spec["qk_dim"]
+        kept.append(m)
+        assert m % 2 == 0 and m < d and attn.sk_spec["rotary_dim"] == m
+        assert attn.qk_index.shape == (2, m)
+        for row in attn.qk_index.tolist():
             firsts, partners = row[: m // 2], row[m // 2:]
             assert all(f < half for f in firsts) and partners == [f + half for f in firsts]
         wq, wk = ref.self_attn.q_proj.weight, ref.self_attn.k_proj.weight
         for h in range(4):
-            idx = torch.tensor(attn.qk_index[h // grp])
+            idx = attn.qk_index[h // grp]
             assert torch.equal(attn.q_proj.weight[h * m:(h + 1) * m], wq[h * d + idx])
         for j in range(2):
-            idx = torch.tensor(attn.qk_index[j])
+            idx = attn.qk_index[j]
             assert torch.equal(attn.k_proj.weight[j * m:(j + 1) * m], wk[j * d + idx])
-        assert attn.v_dim == d and attn.v_proj.weight.shape == ref.self_attn.v_proj.weight.shape
+        assert attn.sk_spec["v_dim"] == d and attn.v_proj.weight.shape == ref.self_attn.v_proj.weight.shape
+    assert kept[0] < kept[1]  # the layer with the larger sparsity keeps fewer dims
 
 
 @pytest.mark.parametrize("modules", ["mlp", "vo", "qk"])
@@ -149,7 +205,7 @@ def test_error_decreases_as_more_is_kept(modules):
     errors = []
     for frac in (0.75, 0.5, 0.25, 0.0):
         model = copy.deepcopy(ref_model)
-        compress(model, _cal(4), MoDeGPTConfig(modules=modules), CTX, fractions=[frac, frac])
+        compress_at(model, MoDeGPTConfig(modules=modules), [frac, frac], _cal(4))
         errors.append(_rel(_logits(model), ref))
     assert errors[-1] < 1e-6
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -158,36 +214,38 @@ def test_error_decreases_as_more_is_kept(modules):
 def test_parameter_target_is_met_with_each_schedule():
     for schedule in ("constant", "modegpt", "dynamic"):
         model = tiny_model("llama")
-        res = compress(model, _cal(), MoDeGPTConfig(sparsity=0.3, schedule=schedule), CTX)
-        assert abs(res.summary["decoder_share_removed"] - 0.3) < 0.01, schedule
+        res = compress(model, MoDeGPTConfig(target_params=0.3, schedule=schedule))
+        assert abs(_removed(res) - 0.3) < 0.01, schedule
+        assert res.params_compressed == count_parameters(model)
     layers = res.summary["layers"]
     assert all(0 <= p["sparsity"] <= 0.9 for p in layers)
 
 
 def test_modegpt_schedule_gives_unimportant_layers_more_sparsity():
     model = tiny_model("llama")
-    res = compress(model, _cal(), MoDeGPTConfig(sparsity=0.3), CTX)
-    bi, sp = res.summary["block_importance"], [p["sparsity"] for p in res.summary["layers"]]
+    res = compress(model, MoDeGPTConfig(target_params=0.3))
+    bi, sp = res.summary["layer_scores"]["bi"], [p["sparsity"] for p in res.summary["layers"]]
     assert (bi[0] < bi[1]) == (sp[0] > sp[1])
 
 
 @pytest.mark.parametrize("kwargs", [dict(modules="mlp,xx"), dict(modules=""), dict(ridge=0.0),
-                                    dict(sparsity=1.0), dict(epsilon=0.0), dict(schedule="nope")])
+                                    dict(target_params=1.0), dict(target_params=None), dict(epsilon=0.0),
+                                    dict(schedule="nope")])
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(SlicekitError):
         MoDeGPTConfig(**kwargs)
 
 
 def test_attention_only_on_a_fused_family_is_an_error():
-    with pytest.raises(SlicekitError):
-        compress(tiny_model("gpt2"), _cal(), MoDeGPTConfig(modules="qk,vo"), CTX)
+    with pytest.raises(SlicekitError, match="modegpt cannot compress this model"):
+        compress(tiny_model("gpt2"), MoDeGPTConfig(modules="qk,vo"))
 
 
 def test_registered_and_deterministic():
     assert get_method("modegpt").config_cls is MoDeGPTConfig
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
-    compress(a, _cal(), MoDeGPTConfig(), CTX)
-    compress(b, _cal(), MoDeGPTConfig(), CTX)
+    compress(a, MoDeGPTConfig())
+    compress(b, MoDeGPTConfig())
     assert torch.equal(_logits(a), _logits(b))
 
 
@@ -203,7 +261,7 @@ def test_cli_compress(tmp_path, data_dir):
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(d)
     proc = subprocess.run([sys.executable, "-m", "slicekit.cli", "compress", "--model", str(d), "--method", "modegpt",
-                           "--sparsity", "0.25", "--schedule", "constant", "--cal-nsamples", "4", "--cal-seqlen", "64",
+                           "--target-params", "0.25", "--schedule", "constant", "--cal-nsamples", "4", "--cal-seqlen", "64",
                            "--out", str(tmp_path / "c"), "--json", "--quiet"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
@@ -222,7 +280,7 @@ def test_smollm2_quarter_of_decoder_removed(smollm2, data_dir):
     model, tok = smollm2
     cal = sample_calibration(tok, load_text("wikitext2", "validation", purpose="calibration"), 4, 128, 0, "documents")
     windows = eval_windows(tok, load_text("wikitext2", "test"), 128, 2)
-    res = compress(model, cal.batches(4), MoDeGPTConfig(sparsity=0.25), CompressionContext(progress=False))
-    assert abs(res.summary["decoder_share_removed"] - 0.25) < 0.002
+    res = compress(model, MoDeGPTConfig(target_params=0.25), cal.batches(4))
+    assert abs(_removed(res) - 0.25) < 0.002
     nll, _ = perplexity_of_windows(model, windows, progress=False)
     assert nll < 6.0  # ppl < ~400 on 2 short windows (chance: log(49152) ≈ 10.8)

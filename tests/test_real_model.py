@@ -58,7 +58,7 @@ def test_perplexity_rises_with_sparsity(smollm2_pristine, data_dir):
     ppls = []
     for s in (0.1, 0.2, 0.3):
         m = copy.deepcopy(model)
-        compress(m, tok, "slicegpt", SliceGPTConfig(sparsity=s), cal, progress=False, batches=batches)
+        compress(m, tok, "slicegpt", SliceGPTConfig(slicing=s), cal, progress=False, batches=batches)
         ppls.append(math.exp(perplexity_of_windows(m, windows, progress=False)[0]))
         del m
     assert dense < ppls[0] < ppls[1] < ppls[2], (dense, ppls)
@@ -67,11 +67,13 @@ def test_perplexity_rises_with_sparsity(smollm2_pristine, data_dir):
 def test_sliced_model_round_trip_and_generation(smollm2, data_dir, tmp_path):
     model, tok = smollm2
     cal = CalibrationRequest(nsamples=8, seqlen=256, batch_size=8)
-    report = compress(model, tok, "slicegpt", SliceGPTConfig(sparsity=0.25), cal, progress=False)
+    report = compress(model, tok, "slicegpt", SliceGPTConfig(slicing=0.25), cal, progress=False)
     pc = report.params_compressed
     assert pc["decoder"] < report.params_original["decoder"]
+    assert report.summary["attn_in_widths"] == [432] * 30  # 576 × 0.75
     out = tmp_path / "smol"
-    save(model, tok, str(out), shape=report.result.shape, info={"method": "slicegpt"})
+    save(model, tok, str(out), info={"method": "slicegpt"})
+    assert json.loads((out / "config.json").read_text())["slicekit"]["shape"] == report.plan.shape()
     probe = tok("The history of the city begins in the Roman period, when", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = model(input_ids=probe).logits

@@ -53,8 +53,13 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 class _Recorder(nn.Module):
     """Stands in for a decoder layer while the decoder runs once: records what it is called with."""
 
-    def __init__(self, index: int, sink: list, keep_hidden: bool, offload: Callable) -> None:
+    def __init__(self, index: int, sink: list, keep_hidden: bool, offload: Callable, layer: nn.Module) -> None:
         super().__init__()
+        # The decoder loop may read plain attributes of its layers (e.g. ``attention_type`` to pick
+        # the sliding-window mask): the stand-in carries them.
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and key != "training" and not isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(self, key, value)
         self.index, self.sink, self.keep_hidden, self.offload = index, sink, keep_hidden, offload
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -214,7 +219,7 @@ class CalibrationEngine:
         parent_path, _, attr = self.spec.layers.rpartition(".")
         original = self.layers
         n = len(original)
-        recorders = nn.ModuleList(_Recorder(i, sink, i == 0, self.offload) for i in range(n))
+        recorders = nn.ModuleList(_Recorder(i, sink, i == 0, self.offload, original[i]) for i in range(n))
         self.layer_args = [[] for _ in range(n)]
         # Only the embeddings and the decoder's own preprocessing run: move the non-layer modules.
         setattr(self.model.get_submodule(parent_path), attr, recorders)

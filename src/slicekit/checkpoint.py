@@ -17,8 +17,8 @@ save leaves either the old directory or the new one, never a half-written one un
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -30,57 +30,49 @@ from torch import nn
 
 from slicekit import modeling_slicekit as mk
 from slicekit.errors import SlicekitError
+from slicekit.modeling_slicekit import params_on_meta
+from slicekit.shape import Plan
 
 MODELING_FILE = "modeling_slicekit.py"
 DEFAULT_MAX_SHARD = "2GB"
 
 
-def _base_config_dict(model: nn.Module) -> dict[str, Any]:
-    cfg = copy.deepcopy(model.config)
-    for attr in ("quantization_config", "_name_or_path", "auto_map"):
-        if hasattr(cfg, attr):
-            with contextlib.suppress(AttributeError):
-                delattr(cfg, attr)
-    d = cfg.to_dict()
-    d.pop("quantization_config", None)
-    d.pop("auto_map", None)
-    d.pop("architectures", None)
-    d["use_cache"] = True
-    return d
-
-
-def vanilla_config(model: nn.Module, shape: dict[str, Any]) -> Any | None:
+def vanilla_config(model: nn.Module, plan: Plan) -> Any | None:
     """A config of the original architecture that builds exactly ``model``'s tensors, or None.
 
-    Only structure-preserving changes qualify (no replaced norms, no blocks, no attributes); the
-    candidate is verified by building it on the meta device and comparing every tensor shape.
+    Only plans that resize linears qualify (no replaced norms, no blocks, no attributes beyond
+    head counts); candidate keys come from the architecture table (MLP width) and the head
+    geometry (uniformly removed heads), and the candidate is verified by building it on the meta
+    device and comparing every tensor shape.
     """
     from transformers import AutoModelForCausalLM
 
-    from slicekit.arch import get_arch, mlp_width
+    from slicekit.arch import attention_info, get_arch, vanilla_config_overrides
 
-    kinds = {spec["type"] for spec in shape["modules"].values()}
-    if kinds - {"linear", "conv1d", "embedding"} or shape.get("attributes"):
+    if plan.blocks or any(s["type"] not in ("linear", "conv1d", "embedding") for s in plan.modules.values()):
         return None
     spec = get_arch(model.config)
-    downs = [layer.get_submodule(spec.block.mlp_down) for layer in spec.layer_list(model)]
-    from slicekit.arch import linear_weight
-
-    widths = {int(linear_weight(d).shape[1]) for d in downs}
-    if len(widths) != 1:
+    overrides = vanilla_config_overrides(model.config, plan.mlp_widths())
+    if overrides is None:
         return None
     cand = copy.deepcopy(model.config)
-    width = widths.pop()
-    for key in ("intermediate_size", "ffn_dim", "n_inner"):
-        if getattr(cand, key, None) is not None or (key == "n_inner" and cand.model_type == "gpt2"):
-            setattr(cand, key, width)
-            break
-    if mlp_width(cand) != width:
+    for key, value in overrides.items():
+        setattr(cand, key, value)
+    if plan.attributes:  # whole heads removed: uniform counts become the config's
+        info = attention_info(model.config)
+        q_rows = {plan.linear(spec.layer_path(i, spec.block.attn_readers[0]))["out_features"]
+                  for i in plan.layer_indices()}
+        if len(q_rows) != 1 or spec.block.attn_q is None:
+            return None
+        kept_heads = q_rows.pop() // info.head_dim
+        kept_kv = kept_heads // info.group_size
+        cand.num_attention_heads, cand.num_key_value_heads, cand.head_dim = kept_heads, kept_kv, info.head_dim
+    cand.__dict__.pop("quantization_config", None)
+    try:
+        with params_on_meta():
+            built = AutoModelForCausalLM.from_config(cand)
+    except (ValueError, TypeError, AttributeError, RuntimeError):  # the family's config cannot say it
         return None
-    if hasattr(cand, "quantization_config"):
-        delattr(cand, "quantization_config")
-    with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(cand)
     want = {n: tuple(p.shape) for n, p in model.named_parameters()}
     have = {n: tuple(p.shape) for n, p in built.named_parameters()}
     return cand if want == have else None
@@ -108,7 +100,7 @@ def model_card(info: dict[str, Any]) -> str:
     lines.append(f"Compressed with [slicekit](https://pypi.org/project/slicekit/) using **{info.get('method', '?')}**.")
     lines.append("")
     if info.get("base_model"):
-        lines += [f"- Original model: `{info['base_model']}`"]
+        lines += [f"- Original model: `{_public_name(info['base_model'])}`"]
     if info.get("settings"):
         lines += [f"- Settings: `{json.dumps(info['settings'], sort_keys=True)}`"]
     if info.get("calibration"):
@@ -138,66 +130,99 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(model: nn.Module, tokenizer: Any, directory: str, *, shape: dict[str, Any] | None = None,
-         info: dict[str, Any] | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD,
-         allow_vanilla: bool = True, extra_files: dict[str, bytes] | None = None) -> str:
+def _public_name(name: Any) -> Any:
+    """What a model card may say about a local path: its last component, never the machine's path."""
+    if isinstance(name, str) and (os.path.isabs(name) or os.sep in name) and os.path.exists(name):
+        return os.path.basename(os.path.normpath(name))
+    return name
+
+
+def _scrub(obj: Any) -> Any:
+    """Replace absolute local paths anywhere in a JSON-able object by their last component."""
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        return os.path.basename(os.path.normpath(obj))
+    return obj
+
+
+def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, Any] | None = None,
+         max_shard_size: str | int = DEFAULT_MAX_SHARD, allow_vanilla: bool = True,
+         extra_files: dict[str, bytes] | None = None) -> str:
     """Write ``model`` to ``directory`` atomically; returns the format written ("slicekit"/"vanilla").
 
-    ``shape`` defaults to the description of the model; ``info`` feeds the model card and is
-    stored in ``config.json`` under ``slicekit.info``; ``extra_files`` (name → bytes) are written
-    alongside (plots, JSON reports).
+    The shape is the one the pipeline recorded on the model (``model.slicekit``), or the model's
+    description.  ``info`` feeds the model card and is stored in ``config.json`` under
+    ``slicekit.info``; ``extra_files`` (name → bytes) are written alongside (plots, reports).
+    Nothing written names a local absolute path.
     """
-    from slicekit.shape import describe
-
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise SlicekitError(f"cannot create the output's parent directory {parent}: {err.strerror}") from err
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise SlicekitError(f"output path {directory} exists and is not a directory")
-    shape = shape if shape is not None else describe(model)
-    info = dict(info or {})
+    if not os.access(parent, os.W_OK):
+        raise SlicekitError(f"cannot write to {parent}: permission denied")
+    meta = dict(getattr(model, "slicekit", None) or {})
+    plan = Plan.from_shape(model.config, meta["shape"]) if "shape" in meta else Plan.of(model)
+    info = _scrub(_jsonable({**meta.get("info", {}), **(info or {})}))
     _remove_stale(directory)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        vanilla = vanilla_config(model, shape) if allow_vanilla else None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
+        vanilla = vanilla_config(model, plan) if allow_vanilla else None
         fmt = "vanilla" if vanilla is not None else "slicekit"
         info["format"] = fmt
         if vanilla is not None:
             vanilla.use_cache = True
             vanilla.architectures = [type(model).__name__]
             vanilla.save_pretrained(tmp)
-            tensors = {n: p.detach() for n, p in model.named_parameters()}  # persistent state only
-            _write_weights(tensors, tmp, max_shard_size)
+            _write_weights({n: p.detach() for n, p in model.named_parameters()}, tmp, max_shard_size)
         else:
-            from transformers import __version__ as tf_version
-
-            config = {
-                "model_type": mk.SLICEKIT_MODEL_TYPE,
-                "architectures": ["SlicekitForCausalLM"],
-                "auto_map": {"AutoConfig": "modeling_slicekit.SlicekitConfig",
-                             "AutoModelForCausalLM": "modeling_slicekit.SlicekitForCausalLM"},
-                "base_config": _base_config_dict(model),
-                "slicekit": {"shape": shape, "info": _jsonable(info)},
-                "transformers_version": tf_version,
-            }
-            with open(os.path.join(tmp, "config.json"), "w") as fh:
-                json.dump(config, fh, indent=2)
-            shutil.copyfile(mk.__file__, os.path.join(tmp, MODELING_FILE))
+            mk.attach(model, {**meta, "shape": plan.shape(), "info": info})
             _write_weights(mk.checkpoint_tensors(model), tmp, max_shard_size)
+            mk.write_slicekit_files(model, tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "README.md"), "w") as fh:
             fh.write(model_card(info))
         for name, data in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "wb") as fh:
                 fh.write(data)
         _swap_into_place(tmp, directory)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise SlicekitError(f"no space left on the device while writing {directory}; nothing was changed") from err
+        raise SlicekitError(f"cannot write {directory}: {err.strerror or err}; nothing was changed") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return fmt
+
+
+def _save_tokenizer(tokenizer: Any, directory: str) -> None:
+    """Save the tokenizer so that plain ``AutoTokenizer.from_pretrained(DIR)`` needs no remote
+    code: ``tokenizer_config.json`` names the tokenizer class, so transformers never reads our
+    ``config.json`` (whose model type it does not know) to guess it."""
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            cfg = json.load(fh)
+        cfg.setdefault("tokenizer_class", type(tokenizer).__name__)
+        cfg.pop("auto_map", None)
+        with open(path, "w") as fh:
+            json.dump(cfg, fh, indent=2)
 
 
 def _remove_stale(directory: str, min_age_s: float = 3600.0) -> None:
@@ -248,7 +273,7 @@ def load(directory: str, dtype: torch.dtype | str | None = None, device: str = "
     except json.JSONDecodeError as err:
         raise SlicekitError(f"{cfg_path} is corrupt: {err}") from err
     try:
-        if raw.get("model_type") == mk.SLICEKIT_MODEL_TYPE:
+        if "slicekit" in raw and "base_config" in raw:
             model = mk.load_compressed(directory, dtype=dtype, device=device)
         else:
             kwargs = {"dtype": dtype} if dtype is not None else {}

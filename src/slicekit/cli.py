@@ -8,10 +8,12 @@ go to stderr, so ``--json`` output can be piped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from slicekit.errors import SlicekitError
@@ -32,43 +34,75 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _method_option_fields() -> dict[str, dataclasses.Field]:
-    """Options generated from every registered method's config dataclass (one-to-one)."""
-    from slicekit.methods import METHODS, _load_builtin
-
-    _load_builtin()
-    fields: dict[str, dataclasses.Field] = {}
-    for entry in METHODS.values():
-        for f in dataclasses.fields(entry.config_cls):
-            fields.setdefault(f.name, f)
-    return fields
-
-
-def _add_method_options(p: argparse.ArgumentParser) -> None:
-    """One ``--option`` per config field; the type comes from the dataclass annotation."""
-    for name, f in _method_option_fields().items():
-        flag = "--" + name.replace("_", "-")
-        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
-        base = ann.replace(" | None", "").strip()
-        if base == "bool":
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"method option {name} (default {f.default})")
-        else:
-            conv = {"float": float, "int": int}.get(base, str)
-            p.add_argument(flag, dest=name, type=conv, default=None, help=f"method option {name} (default {f.default})")
-
-
-def _build_method_config(method: str, args: argparse.Namespace) -> Any:
-    from slicekit.methods import get_method
+def _add_method_options(p: argparse.ArgumentParser, method: str) -> None:
+    """One ``--option`` per field of ``method``'s config dataclass: type, default and help are the
+    method's own (from the dataclass and its docstring), so ``compress --method X --help`` shows X's."""
+    from slicekit.methods import config_fields, field_type, get_method
 
     entry = get_method(method)
-    own = {f.name for f in dataclasses.fields(entry.config_cls)}
-    given = {n: getattr(args, n) for n in _method_option_fields() if getattr(args, n, None) is not None}
-    foreign = sorted(set(given) - own)
-    if foreign:
-        raise SlicekitError(f"option(s) {', '.join('--' + f.replace('_', '-') for f in foreign)} do not apply to method {method}")
+    group = p.add_argument_group(f"{method} options", entry.description)
+    for f in config_fields(entry.config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        base, optional, choices = field_type(entry.config_cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = _field_help(entry.config_cls, f.name) + f" (default: {default})"
+        if base is bool:
+            group.add_argument(flag, dest=f"m_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=f"m_{f.name}", default=None, metavar=base.__name__.upper(),
+                               choices=None, help=text + (f"; one of {', '.join(map(str, choices))}" if choices else "")
+                               + ("; 'none' for unset" if optional else ""))
+
+
+def _field_help(cls: type, name: str) -> str:
+    r"""The sentence of the config's docstring that introduces ``name`` (``\`\`name\`\`: …``)."""
+    import re
+
+    doc = " ".join((cls.__doc__ or "").split())
+    for src in (doc, " ".join((cls.__mro__[1].__doc__ or "").split())):
+        m = re.search(rf"``{name}``[^.]*?(?::|is|—)\s*(.+?\.)(?:\s|$)", src)
+        if m:
+            return m.group(1).replace("``", "")
+    return name.replace("_", " ")
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    """A recipe file: ``{"method": ..., "settings": {...}, "calibration": {...}}`` as JSON or YAML."""
+    if not os.path.isfile(path):
+        raise SlicekitError(f"recipe file not found: {path}")
     try:
-        return entry.config_cls(**given)
+        with open(path) as fh:
+            text = fh.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise SlicekitError(f"cannot read recipe {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict) \
+            or not isinstance(data.get("calibration", {}), dict):
+        raise SlicekitError(f"recipe {path} must be a mapping with 'method', 'settings' and 'calibration'")
+    unknown = set(data) - {"method", "settings", "calibration", "slicekit_version"}
+    if unknown:
+        raise SlicekitError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def _build_method_config(method: str, args: argparse.Namespace, recipe: dict[str, Any]) -> Any:
+    from slicekit.methods import coerce_field, config_fields, get_method
+
+    entry = get_method(method)
+    values = dict(recipe.get("settings", {}))
+    values.pop("config_version", None)
+    for f in config_fields(entry.config_cls):
+        given = getattr(args, f"m_{f.name}", None)
+        if given is not None:
+            values[f.name] = given
+    kwargs = {k: coerce_field(entry.config_cls, k, v) for k, v in values.items()}
+    try:
+        return entry.config_cls(**kwargs)
     except TypeError as err:
         raise SlicekitError(f"invalid settings for {method}: {err}") from err
 
@@ -76,26 +110,52 @@ def _build_method_config(method: str, args: argparse.Namespace) -> Any:
 # ---------------------------------------------------------------- commands
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from slicekit.arch import attention_info, get_arch, mlp_width
-    from slicekit.models import count_parameters, load_model
+    from slicekit.arch import (
+        UnsupportedArchitectureError,
+        attention_info,
+        get_arch,
+        mlp_width,
+        model_type_of,
+        text_config,
+    )
+    from slicekit.methods import available_methods, get_method
+    from slicekit.models import count_parameters, generic_counts, load_model
+    from slicekit.pipeline import check_supported
 
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
     cfg = model.config
-    base = cfg
-    spec = get_arch(base)
-    att = attention_info(base)
-    info = {
-        "model": args.model, "model_type": base.model_type, "architecture": type(model).__name__,
-        "layers": len(spec.layer_list(model)), "hidden_size": base.hidden_size,
-        "intermediate_size": mlp_width(base), "num_heads": att.num_heads, "num_kv_heads": att.num_kv_heads,
-        "head_dim": att.head_dim, "rotary_dim": att.rotary_dim, "parallel_residual": spec.block.parallel,
-        "norm": spec.norm_kind, "vocab_size": base.vocab_size,
-        "tied_embeddings": bool(getattr(base, "tie_word_embeddings", False)),
-        "params": count_parameters(model, spec),
+    text = text_config(cfg)
+    info: dict[str, Any] = {
+        "model": args.model, "model_type": model_type_of(cfg), "architecture": type(model).__name__,
+        "layers": getattr(text, "num_hidden_layers", None), "hidden_size": getattr(text, "hidden_size", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+        "tied_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         "compressed": getattr(model, "slicekit", None) is not None,
     }
-    lines = [f"{k:>20}: {v}" for k, v in info.items() if k != "params"]
+    try:
+        spec = get_arch(cfg)
+    except UnsupportedArchitectureError:
+        spec = None
+    if spec is not None:
+        att = attention_info(cfg)
+        info.update({"intermediate_size": mlp_width(cfg), "num_heads": att.num_heads, "num_kv_heads": att.num_kv_heads,
+                     "head_dim": att.head_dim, "rotary_dim": att.rotary_dim, "parallel_residual": spec.block.parallel,
+                     "norm": spec.norm_kind, "params": count_parameters(model)})
+    else:
+        info["params"] = generic_counts(model)
+    methods = []
+    for name in available_methods():
+        entry = get_method(name)
+        try:
+            check_supported(entry, model, entry.config_cls())
+            methods.append(name)
+        except SlicekitError:
+            pass
+    info["compression_methods"] = methods
+    lines = [f"{k:>20}: {v}" for k, v in info.items() if k not in ("params", "compression_methods")]
     lines += [f"{'params ' + k:>20}: {v:,}" for k, v in info["params"].items()]
+    lines.append(f"{'compression methods':>20}: " + (", ".join(methods) if methods else
+                 "none (no adapter for this architecture; info, eval and bench work on any causal LM)"))
     if args.layer_scores:
         info["layer_scores"] = _layer_scores(model, tok, args)
         lines += [f"layer scores on {info['layer_scores']['calibration']}:", f"{'layer':>6} {'LR':>9} {'BI':>9}"]
@@ -127,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slicekit.models import load_model
 
     source = load_text(args.dataset, args.split, purpose="eval")
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
     res = perplexity(model, tok, source, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
     d = res.as_dict()
     _out(d, args.json, f"perplexity {res.ppl:.4f} on {res.dataset}: {res.windows} windows × {res.seqlen} tokens "
@@ -143,11 +203,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slicekit.pipeline import CalibrationRequest, compress
     from slicekit.plots import summary_widths_png
 
-    config = _build_method_config(args.method, args)
+    recipe = _read_recipe(args.recipe) if args.recipe else {}
+    if recipe.get("method") and recipe["method"] != args.method:
+        raise SlicekitError(f"--method {args.method} contradicts the recipe's method {recipe['method']}")
+    config = _build_method_config(args.method, args, recipe)
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SlicekitError(f"--out {args.out} exists and is not a directory")
-    cal = CalibrationRequest(args.cal_dataset, args.cal_split, args.cal_nsamples, args.cal_seqlen,
-                             args.cal_batch_size, args.seed, args.cal_strategy)
+    cal_defaults = {"dataset": "wikitext2", "split": None, "nsamples": 128, "seqlen": 2048, "batch_size": 8,
+                    "seed": 42, "strategy": "documents", **recipe.get("calibration", {})}
+    for key in cal_defaults:
+        given = getattr(args, "seed" if key == "seed" else f"cal_{key}", None)
+        if given is not None:
+            cal_defaults[key] = given
+    try:
+        cal = CalibrationRequest(**cal_defaults)
+    except TypeError as err:
+        raise SlicekitError(f"invalid calibration settings: {err}") from err
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
     model, tok = load_model(args.model, args.dtype, args.device)
     ppl_rows = []
@@ -164,14 +235,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out["model"] = args.model
     out["perplexity"] = ppl_rows
     if args.out:
+        from slicekit import __version__
+
+        recipe_out = {"method": args.method, "slicekit_version": __version__,
+                      "settings": {k: v for k, v in report.settings.items() if k not in ("calibration", "config_version")},
+                      "calibration": asdict(cal)}
         info = {"title": f"{os.path.basename(os.path.abspath(args.out))}", "method": args.method,
                 "base_model": args.model, "settings": report.settings, "calibration": report.calibration,
-                "compression_seconds": report.measurement.seconds,
+                "compression_seconds": report.measurement.seconds, "recipe": recipe_out,
                 "params": {"original": report.params_original, "compressed": report.params_compressed},
-                "perplexity": ppl_rows, "widths": report.result.summary}
-        png = summary_widths_png(report.result.summary, f"{args.model}, {args.method}")
-        out["format"] = save(model, tok, args.out, shape=report.result.shape, info=info,
-                             extra_files={"layer_widths.png": png} if png else None)
+                "perplexity": ppl_rows, "widths": report.summary}
+        png = summary_widths_png(report.summary, f"{args.model}, {args.method}")
+        files = {"recipe.json": json.dumps(recipe_out, indent=2).encode()}
+        if png:
+            files["layer_widths.png"] = png
+        out["format"] = save(model, tok, args.out, info=info, extra_files=files)
         out["out"] = os.path.abspath(args.out)
     po, pc = report.params_original, report.params_compressed
     lines = [f"method {args.method}: {json.dumps(report.settings)}", f"calibration: {report.calibration}",
@@ -193,9 +271,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from slicekit.bench import BenchSettings, bench_models, linear_flops_per_token, ratios
     from slicekit.models import load_model
 
-    models = {"model": load_model(args.model, args.dtype, args.device, require_tokenizer=False)[0]}
+    models = {"model": load_model(args.model, args.dtype, args.device, require_tokenizer=False, require_adapter=False)[0]}
     if args.baseline:
-        models["baseline"] = load_model(args.baseline, args.dtype, args.device, require_tokenizer=False)[0]
+        models["baseline"] = load_model(args.baseline, args.dtype, args.device, require_tokenizer=False,
+                                        require_adapter=False)[0]
     settings = BenchSettings(repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                              threads=args.threads)
     results = bench_models(models, settings)
@@ -227,7 +306,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _method_in(argv: list[str]) -> str | None:
+    """The ``--method`` of a command line (so the parser can offer that method's options), or the
+    recipe's."""
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    for i, a in enumerate(argv):
+        if a == "--recipe" and i + 1 < len(argv) and os.path.isfile(argv[i + 1]):
+            with contextlib.suppress(SlicekitError):
+                return _read_recipe(argv[i + 1]).get("method")
+    return None
+
+
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     from slicekit.methods import available_methods
 
     parser = argparse.ArgumentParser(prog="slicekit", description="structured compression of causal LMs")
@@ -252,23 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="compress a model and save it as a Hugging Face directory")
+    p = sub.add_parser("compress", help="compress a model and save it as a Hugging Face directory",
+                       description="Compress a model. `slicekit compress --method X --help` lists X's own options; "
+                                   f"methods: {', '.join(available_methods())}.")
     _common_model_args(p)
-    p.add_argument("--method", default="slicegpt", choices=available_methods())
-    p.add_argument("--cal-dataset", default="wikitext2")
+    p.add_argument("--method", default=method or "slicegpt", choices=available_methods())
+    p.add_argument("--recipe", default=None, help="JSON/YAML file of settings (as written to OUT/recipe.json); "
+                                                  "options given on the command line take precedence")
+    p.add_argument("--cal-dataset", default=None, help="calibration text: dataset name or path (default wikitext2)")
     p.add_argument("--cal-split", default=None)
-    p.add_argument("--cal-nsamples", type=int, default=128)
-    p.add_argument("--cal-seqlen", type=int, default=2048)
-    p.add_argument("--cal-batch-size", type=int, default=8)
-    p.add_argument("--cal-strategy", default="documents", choices=["documents", "windows"])
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cal-nsamples", type=int, default=None, help="calibration samples (default 128)")
+    p.add_argument("--cal-seqlen", type=int, default=None, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--cal-batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--cal-strategy", default=None, choices=["documents", "windows"])
+    p.add_argument("--seed", type=int, default=None, help="default 42")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
     p.add_argument("--eval", action="store_true", help="perplexity before and after")
     p.add_argument("--eval-dataset", default="wikitext2")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=1)
-    _add_method_options(p)
+    _add_method_options(p, method or "slicegpt")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="inference speed (prefill, decode) against a baseline, side by side")
@@ -299,7 +397,15 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", message=".*token_id must be.*")
     try:
-        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        method = _method_in(argv)
+        from slicekit.methods import available_methods
+
+        if method is not None and method not in available_methods():
+            from slicekit.methods import get_method
+
+            get_method(method)  # the one-line error naming the methods
+        parser = build_parser(method)
         args = parser.parse_args(argv)
         if getattr(args, "quiet", False) or getattr(args, "json", False):
             from transformers.utils import logging as hf_logging

@@ -33,7 +33,7 @@ def run_demo(args: argparse.Namespace) -> int:
     nll0, ntok = perplexity_of_windows(model, windows, progress=not args.quiet)
     cal = CalibrationRequest("wikitext2", None, args.cal_nsamples, args.cal_seqlen, batch_size=4, seed=42)
     log(f"[3/6] SliceGPT at sparsity {args.sparsity} with {cal.nsamples} × {cal.seqlen} calibration tokens")
-    report = compress(model, tok, "slicegpt", SliceGPTConfig(sparsity=args.sparsity), cal, progress=not args.quiet)
+    report = compress(model, tok, "slicegpt", SliceGPTConfig(slicing=args.sparsity), cal, progress=not args.quiet)
     log("[4/6] perplexity of the compressed model")
     nll1, _ = perplexity_of_windows(model, windows, progress=not args.quiet)
     log(f"[5/6] saving to {args.out} and reloading")
@@ -46,8 +46,8 @@ def run_demo(args: argparse.Namespace) -> int:
                  "windows": int(windows.shape[0]), "ppl": float(torch.tensor(nll0).exp())},
                 {"model": "compressed", "dataset": test.description, "seqlen": args.eval_seqlen,
                  "windows": int(windows.shape[0]), "ppl": float(torch.tensor(nll1).exp())}],
-            "widths": report.result.summary}
-    fmt = save(model, tok, args.out, shape=report.result.shape, info=info)
+            "widths": report.summary}
+    fmt = save(model, tok, args.out, info=info)
     reloaded, tok2 = load(args.out)
     probe = windows[:1, :256]
     with torch.no_grad():

@@ -191,15 +191,17 @@ def cr_scores(gram_q: torch.Tensor, gram_k: torch.Tensor) -> torch.Tensor:
     return (dq * dk).sqrt()
 
 
-def select_qk_dims(scores: torch.Tensor, keep: int, rotary_dim: int = 0) -> torch.Tensor:
+def select_qk_dims(scores: torch.Tensor, keep: int, rotary_dim: int = 0, rotated: int | None = None) -> torch.Tensor:
     """Which dimensions of one (query, key) head to keep, in the order the reduced head uses.
 
     ``scores``: per dimension (length ``d``).  The first ``rotary_dim`` dimensions are rotated in
     ``rotate_half`` pairs ``(j, j + rotary_dim/2)``; a pair is kept or dropped together (score = sum
-    of the two).  Dimensions ``≥ rotary_dim`` pass through unrotated and are chosen singly.  Greedy
-    by score per dimension.  Returned order: ``[firsts of kept pairs, their partners, kept pass
-    dims]`` (each ascending) — with that order ``rotate_half`` of the reduced vector rotates the
-    same pairs as the full one, so RoPE needs only an ``index_select`` of cos/sin.
+    of the two).  Dimensions ``≥ rotary_dim`` pass through unrotated and are chosen singly.
+    ``rotated``: how many of the kept dims are rotated (even; the best pairs and the best singles
+    are then chosen apart, so the count is fixed in advance, as a plan needs); ``None``: greedy by
+    score per dimension over both kinds.  Returned order: ``[firsts of kept pairs, their partners,
+    kept pass dims]`` (each ascending) — with that order ``rotate_half`` of the reduced vector
+    rotates the same pairs as the full one, so RoPE needs only an ``index_select`` of cos/sin.
     """
     d = scores.shape[0]
     half = rotary_dim // 2
@@ -207,18 +209,25 @@ def select_qk_dims(scores: torch.Tensor, keep: int, rotary_dim: int = 0) -> torc
         raise ValueError(f"rotary_dim {rotary_dim} must be even and ≤ {d}")
     if not 0 < keep <= d:
         raise ValueError(f"keep must be in [1, {d}] (got {keep})")
-    units = [(float(scores[j] + scores[j + half]) / 2, 2, j) for j in range(half)]
-    units += [(float(scores[j]), 1, j) for j in range(rotary_dim, d)]
-    units.sort(key=lambda u: -u[0])
-    budget, pairs, singles = keep, [], []
-    for _, cost, j in units:
-        if cost <= budget:
-            (pairs if cost == 2 else singles).append(j)
-            budget -= cost
-        if budget == 0:
-            break
-    if budget:
-        raise ValueError(f"cannot keep exactly {keep} dims with rotary pairs of a rotary_dim {rotary_dim} head")
+    pair_units = [(float(scores[j] + scores[j + half]) / 2, 2, j) for j in range(half)]
+    single_units = [(float(scores[j]), 1, j) for j in range(rotary_dim, d)]
+    if rotated is not None:
+        if rotated % 2 or not 0 <= rotated <= min(rotary_dim, keep) or keep - rotated > d - rotary_dim:
+            raise ValueError(f"cannot keep {rotated} rotated of {keep} dims in a head with {rotary_dim} rotary "
+                             f"of {d} dims")
+        pairs = [j for _, _, j in sorted(pair_units, key=lambda u: (-u[0], u[2]))[: rotated // 2]]
+        singles = [j for _, _, j in sorted(single_units, key=lambda u: (-u[0], u[2]))[: keep - rotated]]
+    else:
+        units = sorted(pair_units + single_units, key=lambda u: -u[0])
+        budget, pairs, singles = keep, [], []
+        for _, cost, j in units:
+            if cost <= budget:
+                (pairs if cost == 2 else singles).append(j)
+                budget -= cost
+            if budget == 0:
+                break
+        if budget:
+            raise ValueError(f"cannot keep exactly {keep} dims with rotary pairs of a rotary_dim {rotary_dim} head")
     pairs.sort()
     singles.sort()
     return torch.tensor(pairs + [j + half for j in pairs] + singles, dtype=torch.long)

@@ -2,36 +2,47 @@
 
 This one file is copied next to every compressed checkpoint and registered through ``auto_map``,
 so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works where slicekit is
-not installed.  slicekit itself uses the very same functions for its in-memory models, which is
-what makes the compressed-shape description the single source of truth: the object that the
-compressor produces, the saver writes, the loader reads and the parameter counter counts is one
-``shape`` dictionary interpreted by :func:`apply_shape` below.
+not installed.  slicekit itself uses the very same functions for its in-memory models, so the
+compressed-shape description is the single source of truth: the plan a method makes, the model
+it produces, the file the saver writes, what the loader builds and what the parameter counter
+counts are one ``shape`` dictionary interpreted by :func:`apply_shape` below.
 
 Why an interpreter and not a model class per architecture: the compressed model *is* the
-original Hugging Face model (its attention and MLP modules, its embedding and rotary code), with
-some linears and embeddings resized in place, some norms replaced by a weightless RMSNorm, and
-some decoder layers replaced by :class:`ResidualBlock`, a generic pre-norm residual wiring that
-adds the shortcut matrices SliceGPT needs and calls the original attention/MLP submodules.
-No Hugging Face forward code is copied, so the file keeps working across transformers releases.
+original Hugging Face model (its decoder-layer, attention, MLP, embedding and rotary modules),
+with some linears and embeddings resized in place and a few modules given one extra operation.
+No Hugging Face forward code is copied.  Where an operation transformers lacks is unavoidable,
+the module keeps its identity and gets a *subclass* of its own class (made at run time) whose
+``forward`` adds that operation around ``super().forward``:
+
+- a decoder layer of a rotated model becomes ``Sliced<LayerClass>`` (still an instance of the
+  original class, so transformers' hidden-state capture, ``_no_split_modules``/``device_map`` and
+  gradient checkpointing treat it as its own) — it adds SliceGPT's shortcut matrices;
+- an attention module whose heads were narrowed (MoDeGPT) becomes ``Reduced<AttentionClass>``,
+  and its q/k/v/o linears ``Head<Linear>``: the projections apply rotary embeddings to the kept
+  dimensions and zero-pad every head to one size, so transformers' own attention forward, cache
+  and attention kernels run unchanged.
 
 The ``shape`` dictionary (``config.json`` → ``slicekit.shape``)::
 
-    {"version": 1,
-     "modules": {path: spec, ...},   # applied in insertion order, blocks last
+    {"format": 2,
+     "features": [...],              # what a loader must implement to read this checkpoint
+     "modules": {path: spec, ...},   # applied in order; decoder-layer blocks last
      "attributes": {dotted.path: value, ...}}
 
-with ``spec["type"]`` one of ``linear`` / ``conv1d`` / ``embedding`` (resized in place, keeping
-the module's class), ``unit_rmsnorm`` (replaces a norm), ``block`` (wraps a decoder layer) and
-``reduced_attention`` (wraps an attention module whose query/key and value/output head widths
-were reduced, see :class:`ReducedAttention`).
+``spec["type"]``: ``linear`` / ``conv1d`` / ``embedding`` (resized in place), ``unit_rmsnorm``
+(replaces a norm), ``block`` (residual wiring with shortcut matrices around a decoder layer) and
+``reduced_attention`` (narrowed heads).  Format 1 checkpoints (``{"version": 1, ...}``) are
+upgraded on load by :func:`upgrade_shape`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterable, Mapping
+import shutil
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,13 +50,20 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-SHAPE_VERSION = 1
+SHAPE_FORMAT = 2
+#: Features this loader implements.  A checkpoint lists the ones it uses; an unknown one is refused
+#: with a message, instead of loading a model that silently computes something else.
+FEATURES = frozenset({"resize", "unit_rmsnorm", "residual_block", "reduced_attention"})
 SLICEKIT_MODEL_TYPE = "slicekit"
+_FEATURE_OF = {"linear": "resize", "conv1d": "resize", "embedding": "resize", "unit_rmsnorm": "unit_rmsnorm",
+               "block": "residual_block", "reduced_attention": "reduced_attention"}
 
 
 class SlicekitShapeError(ValueError):
     """A checkpoint does not match its compressed-shape description (truncated, edited, mixed)."""
 
+
+# ---------------------------------------------------------------------------------------- norms
 
 class UnitRMSNorm(nn.Module):
     """Weightless RMSNorm that divides by the *original* width.
@@ -72,37 +90,47 @@ class UnitRMSNorm(nn.Module):
         return f"{self.dim}, norm_dim={self.norm_dim}, eps={self.eps}"
 
 
-class ResidualBlock(nn.Module):
-    """Generic pre-norm residual wiring around the original attention and MLP submodules.
+# ------------------------------------------------------------------------ subclass-on-the-fly
 
-    The original decoder layer's children are adopted under their own names, so parameter names
-    do not change.  Only the residual arithmetic is ours: ``out = x·S + f(norm(x))`` where ``S``
-    is an optional shortcut matrix (``None`` means identity).  Sequential blocks (Llama, OPT,
-    GPT-2, Phi-3) have an attention and an MLP shortcut; parallel ones (GPT-NeoX, Phi-2) one.
+_SUBCLASSES: dict[tuple[type, type], type] = {}
 
-    Positional and keyword arguments from the model's layer loop are passed to the attention
-    module unchanged: every supported family forwards them to its attention under the same
-    names (and GPT-2 in the same positional order).
+
+def _subclass(mixin: type, cls: type, prefix: str) -> type:
+    """``<prefix><cls>``: ``mixin``'s methods in front of ``cls`` (cached, so instances share it)."""
+    if issubclass(cls, mixin):
+        return cls
+    key = (mixin, cls)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _SUBCLASSES[key]
+
+
+def _become(module: nn.Module, mixin: type, prefix: str) -> None:
+    module.__class__ = _subclass(mixin, type(module), prefix)
+
+
+def _new_param(like: torch.Tensor, shape: Iterable[int]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
+
+
+# ------------------------------------------------------------------------- residual blocks
+
+class SlicedLayer:
+    """Mixin for a decoder layer of a rotated model: ``out = x·S + f(norm(x))``.
+
+    ``S`` is an optional shortcut matrix (``None`` means identity).  Sequential blocks (Llama,
+    OPT, GPT-2, Phi-3) have an attention and an MLP shortcut; parallel ones (GPT-NeoX, Phi-2) one.
+    The layer's own attention, MLP and norm submodules are called; their names come from the
+    spec (written by slicekit from its architecture table).  Positional and keyword arguments of
+    the model's layer loop go to the attention module unchanged, as the original layers do.
     """
 
-    def __init__(self, layer: nn.Module, spec: Mapping[str, Any]) -> None:
-        super().__init__()
-        for key, value in vars(layer).items():
-            if not key.startswith("_") and key != "training":
-                setattr(self, key, value)
-        for name, child in layer.named_children():
-            self.add_module(name, child)
-        self.spec = dict(spec)
-        self.attn_name: str = spec["attn"]
-        self.attn_norm_name: str = spec["attn_norm"]
-        self.mlp_names: list[str] = list(spec["mlp"])
-        self.mlp_norm_name: str | None = spec.get("mlp_norm")
-        self.parallel: bool = bool(spec["parallel"])
-        ref = next(layer.parameters())
+    def _sk_setup(self, spec: Mapping[str, Any]) -> None:
+        self.sk_spec = {k: v for k, v in spec.items() if k not in ("attn_shortcut", "mlp_shortcut", "type")}
+        ref = next(self.parameters())
         for key in ("attn_shortcut", "mlp_shortcut"):
             shp = spec.get(key)
-            param = None if shp is None else nn.Parameter(torch.empty(*shp, dtype=ref.dtype, device=ref.device))
-            self.register_parameter(key, param)
+            self.register_parameter(key, None if shp is None else _new_param(ref, shp))
 
     @staticmethod
     def _residual(x: torch.Tensor, mat: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -110,8 +138,8 @@ class ResidualBlock(nn.Module):
         than it reads, ``x`` holds the leading coordinates of the wider one (the truncated
         identity — SliceGPT's calibration uses it to avoid a shortcut product)."""
         if mat is not None:
-            return torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]),
-                               mat.to(x.dtype)).view(out.shape)
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), mat.to(x.dtype))
+            return flat.view(*out.shape[:-1], mat.shape[1])
         if x.shape[-1] == out.shape[-1]:
             return x + out
         if torch.is_grad_enabled():
@@ -119,168 +147,183 @@ class ResidualBlock(nn.Module):
         out[..., : x.shape[-1]] += x
         return out
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        for name in self.mlp_names:
+    def _sk_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        for name in self.sk_spec["mlp"]:
             h = getattr(self, name)(h)
         return h
 
+    def _sk_attn(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = getattr(self, self.sk_spec["attn"])(h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     def attn_half(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sequential blocks: the stream after the attention residual, ``x·S_attn + attn(norm(x))``."""
-        x = hidden_states
-        attn_out = getattr(self, self.attn_name)(getattr(self, self.attn_norm_name)(x), *args, **kwargs)
-        if isinstance(attn_out, tuple):
-            attn_out = attn_out[0]
-        return self._residual(x, self.attn_shortcut, attn_out)
+        h = getattr(self, self.sk_spec["attn_norm"])(hidden_states)
+        return self._residual(hidden_states, self.attn_shortcut, self._sk_attn(h, args, kwargs))
 
     def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Sequential blocks: ``h·S_mlp + mlp(norm(h))`` on the stream after attention."""
-        return self._residual(hidden_states, self.mlp_shortcut,
-                              self._mlp(getattr(self, self.mlp_norm_name)(hidden_states)))
+        h = getattr(self, self.sk_spec["mlp_norm"])(hidden_states)
+        return self._residual(hidden_states, self.mlp_shortcut, self._sk_mlp(h))
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.parallel:
-            return self.mlp_half(self.attn_half(hidden_states, *args, **kwargs))
-        x = hidden_states
-        h = getattr(self, self.attn_norm_name)(x)
-        attn_out = getattr(self, self.attn_name)(h, *args, **kwargs)
-        if isinstance(attn_out, tuple):
-            attn_out = attn_out[0]
-        h_mlp = h if self.mlp_norm_name is None else getattr(self, self.mlp_norm_name)(x)
-        return self._residual(x, self.attn_shortcut, attn_out + self._mlp(h_mlp))
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        spec = self.sk_spec
+        if not spec["parallel"]:
+            out = self.mlp_half(self.attn_half(hidden_states, *args, **kwargs))
+        else:
+            h = getattr(self, spec["attn_norm"])(hidden_states)
+            attn_out = self._sk_attn(h, args, kwargs)
+            h_mlp = h if spec.get("mlp_norm") is None else getattr(self, spec["mlp_norm"])(hidden_states)
+            out = self._residual(hidden_states, self.attn_shortcut, attn_out + self._sk_mlp(h_mlp))
+        return (out,) if _returns_tuple(type(self)) else out
 
+
+_TUPLE_RETURNS: dict[type, bool] = {}
+
+
+def _returns_tuple(cls: type) -> bool:
+    """Whether the original decoder layer's ``forward`` returns a tuple (``(hidden_states, …)``, as
+    several families did in transformers 5.0) or the tensor itself (current releases): the
+    model's layer loop expects the same from the compressed layer.  Read from the source of the
+    original ``forward`` (type annotations were found to be wrong), once per class."""
+    if cls not in _TUPLE_RETURNS:
+        import ast
+        import inspect
+        import textwrap
+
+        original = next((c for c in cls.__mro__ if c is not cls and "forward" in vars(c)
+                         and not issubclass(c, SlicedLayer)), None)
+        found = False
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(original.forward)))
+        except (OSError, TypeError, SyntaxError, AttributeError):
+            tree = None
+        if tree is not None:
+            tuples = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+                      for t in node.targets if isinstance(t, ast.Name)}
+            found = any(isinstance(node, ast.Return) and node.value is not None
+                        and (isinstance(node.value, ast.Tuple)
+                             or (isinstance(node.value, ast.Name) and node.value.id in tuples))
+                        for node in ast.walk(tree))
+        _TUPLE_RETURNS[cls] = found
+    return _TUPLE_RETURNS[cls]
+
+
+def make_block(layer: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """Give ``layer`` SliceGPT's residual wiring in place (its class becomes ``Sliced<Class>``)."""
+    _become(layer, SlicedLayer, "Sliced")
+    layer._sk_setup(spec)
+    return layer
+
+
+# ResidualBlock is what earlier releases called a wrapped layer; isinstance checks keep working.
+ResidualBlock = SlicedLayer
+
+
+# ------------------------------------------------------------------------- reduced attention
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Zero-pad the narrower of (q, k) and v in the head dimension to the wider one.
+class HeadProjection:
+    """Mixin for a q/k/v projection of narrowed heads: ``sk_dim`` kept dims per head, padded to
+    ``sk_pad`` with zeros (the attention module's ``head_dim``); q and k first get rotary
+    embeddings on their kept rotary dims (``_sk_rope``, set by the attention module per call).
 
-    Fused attention kernels (PyTorch's CPU flash kernel, FlashAttention) need one head size for
-    q, k and v; with different sizes SDPA falls back to its math path, which materialises the
-    T×T scores and skips no causal block: 4-5x slower at 2048 tokens.  Zero columns change
-    neither the scores ``q·kᵀ`` nor the first ``v_dim`` output columns (the caller drops the
-    rest), and the softmax scale is passed explicitly, so the result is the same.
-    """
-    dq, dv = q.shape[-1], v.shape[-1]
-    if dq < dv:
-        return F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq)), v
-    if dv < dq:
-        return q, k, F.pad(v, (0, dq - dv))
-    return q, k, v
-
-
-class ReducedAttention(nn.Module):
-    """Attention whose heads were narrowed: ``qk_dim`` query/key and ``v_dim`` value dims per head.
-
-    Used by MoDeGPT, which keeps a subset of each head's query/key dimensions and a low-rank
-    value/output factorisation.  The original attention module's children (its q/k/v/o linears,
-    already resized) are adopted under their own names, so parameter names do not change, and
-    the original module's attributes (``config``, ``layer_idx``, ``scaling``, ``is_causal``,
-    ``sliding_window`` …) are copied.  Only the head plumbing is ours: project, split into heads,
-    apply RoPE to the kept rotary dimensions, update the KV cache, and call the installed
-    transformers' attention function (``ALL_ATTENTION_FUNCTIONS`` for the configured
-    implementation, else the family's own ``eager_attention_forward``), then the output linear.
-
-    RoPE on a subset: a head keeps rotary pairs ``(j, j + r/2)`` together and stores them in the
-    order ``[firsts, partners, unrotated dims]`` (``qk_index`` holds their original positions, one
-    row per KV head; the query heads of a GQA group share their KV head's row).  ``rotate_half`` of
-    the reduced vector then rotates the same pairs, and cos/sin are gathered at ``qk_index``: the
-    scores are exactly those of the original head restricted to the kept dimensions.  The softmax
-    scale stays the original ``head_dim ** -0.5`` (``scaling``).
-
-    Spec: ``{"type": "reduced_attention", "q", "k", "v", "o": child names, "num_heads",
-    "num_kv_heads", "qk_dim", "v_dim", "rotary_dim" (rotated dims among the kept ones),
-    "qk_index": [[int] * qk_dim] * num_kv_heads, "scaling"}``.
+    Zero padding changes neither ``q·kᵀ`` nor the first ``v_dim`` output columns, and keeps one
+    head size for q, k and v, which fused attention kernels need (with different sizes SDPA falls
+    back to its math path, measured 4-5x slower at 2048 tokens).
     """
 
-    def __init__(self, attn: nn.Module, spec: Mapping[str, Any]) -> None:
-        super().__init__()
-        for key, value in vars(attn).items():
-            if not key.startswith("_") and key != "training":
-                setattr(self, key, value)
-        for name, child in attn.named_children():
-            self.add_module(name, child)
-        self.eager_module = type(attn).__module__
-        self.set_spec(spec)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        rope = self.__dict__.get("_sk_rope")
+        dim, pad = self.sk_dim, self.sk_pad
+        if rope is None and dim == pad:
+            return y
+        y = y.view(*y.shape[:-1], -1, dim)
+        if rope is not None:
+            cos, sin = rope  # (..., T, heads, r)
+            r = cos.shape[-1]
+            rot = y[..., :r]
+            y = torch.cat((rot * cos + _rotate_half(rot) * sin, y[..., r:]), dim=-1)
+        if dim < pad:
+            y = F.pad(y, (0, pad - dim))
+        return y.flatten(-2)
 
-    def set_spec(self, spec: Mapping[str, Any]) -> None:
-        self.spec = {k: v for k, v in spec.items() if k != "type"}
-        self.num_heads = int(spec["num_heads"])
-        self.num_kv_heads = int(spec["num_kv_heads"])
-        self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.qk_dim, self.v_dim = int(spec["qk_dim"]), int(spec["v_dim"])
-        self.rotary_dim = int(spec["rotary_dim"])
-        self.scaling = float(spec["scaling"])
-        self.qk_index = [list(map(int, row)) for row in spec["qk_index"]]
-        self._index_cache: dict = {}
 
-    def _rope_index(self, device: torch.device) -> torch.Tensor:
-        idx = self._index_cache.get(device)
-        if idx is None:
-            idx = torch.tensor([row[: self.rotary_dim] for row in self.qk_index], dtype=torch.long, device=device)
-            self._index_cache[device] = idx
-        return idx
+class HeadOutput:
+    """Mixin for the output projection of narrowed heads: drops each head's zero padding."""
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary_dim
-        rot, rest = x[..., :r], x[..., r:]
-        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sk_dim < self.sk_pad:
+            x = x.view(*x.shape[:-1], -1, self.sk_pad)[..., : self.sk_dim].flatten(-2)
+        return super().forward(x)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        if args:
-            raise TypeError("ReducedAttention takes its arguments by keyword, as the decoder layers pass them")
-        position_embeddings = kwargs.pop("position_embeddings", None)
-        attention_mask = kwargs.pop("attention_mask", None)
-        cache = kwargs.pop("cache", None)
-        legacy = kwargs.pop("past_key_values", None)
-        cache = cache if cache is not None else legacy
-        kwargs.pop("output_attentions", None)
-        spec = self.spec
-        lead = hidden_states.shape[:-1]
-        q = getattr(self, spec["q"])(hidden_states).view(*lead, self.num_heads, self.qk_dim).transpose(1, 2)
-        k = getattr(self, spec["k"])(hidden_states).view(*lead, self.num_kv_heads, self.qk_dim).transpose(1, 2)
-        v = getattr(self, spec["v"])(hidden_states).view(*lead, self.num_kv_heads, self.v_dim).transpose(1, 2)
-        if self.rotary_dim and position_embeddings is not None:
-            cos, sin = position_embeddings
-            idx = self._rope_index(cos.device)  # (kv_heads, r)
-            cos_k, sin_k = cos[..., idx].movedim(-2, -3), sin[..., idx].movedim(-2, -3)  # (..., kv, T, r)
-            g = self.num_key_value_groups
-            cos_q = cos_k.repeat_interleave(g, dim=-3) if g > 1 else cos_k
-            sin_q = sin_k.repeat_interleave(g, dim=-3) if g > 1 else sin_k
-            q, k = self._rope(q, cos_q.to(q.dtype), sin_q.to(q.dtype)), self._rope(k, cos_k.to(k.dtype), sin_k.to(k.dtype))
-        q, k, v = equal_head_dims(q, k, v)  # before the cache, which then holds them padded
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        eager = getattr(sys.modules.get(self.eager_module), "eager_attention_forward", None)
-        impl = getattr(self.config, "_attn_implementation", "eager")
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager) if eager is not None else ALL_ATTENTION_FUNCTIONS[impl]
-        # Mistral reads the window from the config, Qwen2 from the module (None on full layers).
-        window = self.sliding_window if "sliding_window" in vars(self) else getattr(self.config, "sliding_window", None)
-        extra = {} if window is None else {"sliding_window": window}
-        dropout = getattr(self, "attention_dropout", getattr(self, "dropout", 0.0))
-        out, weights = interface(self, q, k, v, attention_mask, dropout=dropout if self.training else 0.0,
-                                 scaling=self.scaling, **extra, **kwargs)
-        if out.shape[-1] > self.v_dim:
-            out = out[..., : self.v_dim]
-        out = out.reshape(*lead, -1).contiguous()
-        return getattr(self, spec["o"])(out), weights
+class ReducedAttention:
+    """Mixin for an attention module whose heads keep ``qk_dim`` query/key and ``v_dim`` value dims.
 
-    def extra_repr(self) -> str:
-        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, qk_dim={self.qk_dim}, "
-                f"v_dim={self.v_dim}, rotary_dim={self.rotary_dim}")
+    Used by MoDeGPT.  RoPE on a subset: a head keeps rotary pairs ``(j, j + r/2)`` together and
+    stores them in the order ``[firsts, partners, unrotated dims]``; the buffer ``qk_index`` holds
+    their original positions (one row per KV head; the query heads of a GQA group share their KV
+    head's row).  ``rotate_half`` of the reduced vector then rotates the same pairs, and cos/sin
+    gathered at ``qk_index`` give exactly the scores of the original head restricted to the kept
+    dimensions.  The projections apply that rotation (see :class:`HeadProjection`); transformers'
+    forward gets an identity rotation (cos 1, sin 0) and does everything else as usual.  The
+    softmax scale stays the original module's ``scaling``.
+    """
 
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        spec = self.sk_spec
+        pe = kwargs.get("position_embeddings")
+        q_lin, k_lin = getattr(self, spec["q"]), getattr(self, spec["k"])
+        if spec["rotary_dim"] and pe is not None:
+            cos, sin = pe
+            idx = self.qk_index[:, : spec["rotary_dim"]]
+            cos_k, sin_k = cos[..., idx], sin[..., idx]  # (..., T, kv_heads, r)
+            group = spec["num_heads"] // spec["num_kv_heads"]
+            q_lin._sk_rope = (cos_k.repeat_interleave(group, dim=-2), sin_k.repeat_interleave(group, dim=-2))
+            k_lin._sk_rope = (cos_k, sin_k)
+            n = min(cos.shape[-1], spec["pad_dim"])
+            kwargs["position_embeddings"] = (cos.new_ones(*cos.shape[:-1], n), sin.new_zeros(*sin.shape[:-1], n))
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            q_lin.__dict__.pop("_sk_rope", None)
+            k_lin.__dict__.pop("_sk_rope", None)
+
+
+def make_reduced_attention(attn: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """Narrow ``attn``'s heads in place: its class and its q/k/v/o linears' classes get the
+    mixins above; the ``qk_index`` buffer is (re)allocated (filled by a method or the file)."""
+    spec = {k: v for k, v in spec.items() if k != "type"}
+    qk, v_dim = int(spec["qk_dim"]), int(spec["v_dim"])
+    pad = max(qk, v_dim)
+    spec["pad_dim"] = pad
+    _become(attn, ReducedAttention, "Reduced")
+    attn.sk_spec = spec
+    attn.head_dim = pad
+    for role, dim, mixin, prefix in (("q", qk, HeadProjection, "Head"), ("k", qk, HeadProjection, "Head"),
+                                     ("v", v_dim, HeadProjection, "Head"), ("o", v_dim, HeadOutput, "HeadOut")):
+        lin = getattr(attn, spec[role])
+        _become(lin, mixin, prefix)
+        lin.sk_dim, lin.sk_pad = dim, pad
+    old = attn._buffers.get("qk_index")
+    shape = (int(spec["num_kv_heads"]), qk)
+    if old is None or tuple(old.shape) != shape:
+        device = next(attn.parameters()).device
+        attn.register_buffer("qk_index", torch.zeros(shape, dtype=torch.long, device=device), persistent=True)
+    return attn
+
+
+# ------------------------------------------------------------------------------ the interpreter
 
 def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
-
-
-def _new_param(like: torch.Tensor, shape: Iterable[int]) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
 
 
 def _resize_linear(module: nn.Module, spec: Mapping[str, Any]) -> None:
@@ -296,21 +339,57 @@ def _resize_linear(module: nn.Module, spec: Mapping[str, Any]) -> None:
     module.bias = _new_param(like, (n_out,)) if bias else None
 
 
+def shape_features(shape: Mapping[str, Any]) -> list[str]:
+    """The loader features a shape description needs."""
+    return sorted({_FEATURE_OF.get(spec["type"], spec["type"]) for spec in shape["modules"].values()})
+
+
+def upgrade_shape(shape: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A shape description in the current format, plus tensors an old format kept in the config.
+
+    Format 1 (slicekit 0.1): ``{"version": 1, ...}``; reduced attention listed its ``qk_index``
+    and ``scaling`` in the config — the index becomes a buffer, the scale is the module's own.
+    """
+    shape = json.loads(json.dumps(shape))
+    if "format" in shape:
+        return shape, {}
+    if int(shape.get("version", -1)) != 1:
+        raise SlicekitShapeError(f"unknown slicekit shape format {shape.get('version')!r}: upgrade slicekit")
+    extra: dict[str, torch.Tensor] = {}
+    for path, spec in shape["modules"].items():
+        if spec["type"] == "reduced_attention":
+            extra[f"{path}.qk_index"] = torch.tensor(spec.pop("qk_index"), dtype=torch.long)
+            spec.pop("scaling", None)
+    shape.pop("version")
+    shape["format"] = SHAPE_FORMAT
+    shape["features"] = shape_features(shape)
+    return shape, extra
+
+
+def check_features(shape: Mapping[str, Any]) -> None:
+    unknown = sorted(set(shape.get("features", [])) - FEATURES)
+    if unknown:
+        raise SlicekitShapeError(f"this checkpoint needs loader feature(s) {', '.join(unknown)} that this version of "
+                                 "modeling_slicekit.py does not implement: upgrade slicekit (pip install -U slicekit)")
+    if int(shape.get("format", -1)) > SHAPE_FORMAT:
+        raise SlicekitShapeError(f"shape format {shape.get('format')} is newer than this loader's ({SHAPE_FORMAT})")
+
+
 def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
     """Turn an original-architecture model into the compressed architecture, in place.
 
     Only the structure changes: resized modules get uninitialised storage of the right shape.
     Weights are filled afterwards (by a compressor, or by :func:`load_weights`).
     """
-    if int(shape.get("version", -1)) != SHAPE_VERSION:
-        raise SlicekitShapeError(f"unsupported slicekit shape version {shape.get('version')!r}")
+    if "format" not in shape:
+        shape, _ = upgrade_shape(shape)
+    check_features(shape)
     blocks = []
     for path, spec in shape["modules"].items():
         kind = spec["type"]
         if kind == "block":
             blocks.append((path, spec))
-            continue
-        if kind in ("linear", "conv1d"):
+        elif kind in ("linear", "conv1d"):
             _resize_linear(model.get_submodule(path), spec)
         elif kind == "embedding":
             emb = model.get_submodule(path)
@@ -320,67 +399,101 @@ def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
             parent, name = _parent_and_name(model, path)
             setattr(parent, name, UnitRMSNorm(spec["dim"], spec["norm_dim"], spec["eps"]))
         elif kind == "reduced_attention":
-            parent, name = _parent_and_name(model, path)
-            attn = model.get_submodule(path)
-            if isinstance(attn, ReducedAttention):
-                attn.set_spec(spec)
-            else:
-                setattr(parent, name, ReducedAttention(attn, spec))
+            make_reduced_attention(model.get_submodule(path), spec)
         else:
             raise SlicekitShapeError(f"unknown module type {kind!r} for {path!r} in the shape description")
     for path, spec in blocks:
-        parent, name = _parent_and_name(model, path)
-        layer = model.get_submodule(path)
-        block = layer if isinstance(layer, ResidualBlock) else ResidualBlock(layer, spec)
-        if block is layer:  # re-applying: refresh the shortcut shapes
-            for key in ("attn_shortcut", "mlp_shortcut"):
-                shp = spec.get(key)
-                block.register_parameter(key, None if shp is None else _new_param(next(block.parameters()), shp))
-            block.spec = dict(spec)
-        if isinstance(parent, nn.ModuleList):
-            parent[int(name)] = block
-        else:
-            setattr(parent, name, block)
+        make_block(model.get_submodule(path), spec)
     for dotted, value in shape.get("attributes", {}).items():
         parent, name = _parent_and_name(model, dotted)
         setattr(parent, name, value)
+    _extend_no_split(model)
     # Resizing gave the embedding and the head new storage: re-tie them where the config ties
-    # them (methods that keep the tie, e.g. MoDeGPT), so the checkpoint holds the matrix once.
+    # them (methods that keep the tie), so the checkpoint holds the matrix once.
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    if config is not None and getattr(config, "tie_word_embeddings", False) and isinstance(model, PreTrainedModel):
         model.tie_weights()
     return model
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor a checkpoint of ``model`` must hold (params and buffers).
+def _extend_no_split(model: nn.Module) -> None:
+    """Add the ``Sliced…``/``Reduced…`` class names to ``_no_split_modules`` so that device maps
+    keep a compressed decoder layer on one device, as they do the original one."""
+    names = {type(m).__name__ for m in model.modules() if isinstance(m, (SlicedLayer, ReducedAttention))}
+    if not names:
+        return
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m._no_split_modules:
+            m._no_split_modules = sorted(set(m._no_split_modules) | names)
 
-    Non-persistent buffers (rotary frequencies, causal masks) are included: the loader builds the
-    model on the meta device, so they have to come from the file rather than from ``__init__``.
+
+# ----------------------------------------------------------------------- building and loading
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device, buffers for real.
+
+    The model is built at its original size and then shrunk, so its parameters must not be
+    allocated; non-persistent buffers (rotary frequencies) are not in any checkpoint and must be
+    computed by the modules' own ``__init__``.  (The same trick as accelerate's
+    ``init_empty_weights(include_buffers=False)``, without depending on accelerate.)
     """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_compressed_model(base_config: PretrainedConfig, shape: Mapping[str, Any]) -> nn.Module:
+    """The compressed architecture with parameters on the meta device (buffers real), built
+    without allocating the original-size model."""
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(base_config)
+    apply_shape(model, shape)
+    return model
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor a checkpoint of ``model`` must hold: parameters (tied
+    duplicates once) and persistent buffers — what ``save_pretrained`` writes."""
     out: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.named_parameters(remove_duplicate=True):
         out[name] = tuple(tensor.shape)
-    for name, tensor in model.named_buffers(remove_duplicate=True):
+    for name, tensor in _persistent_buffers(model):
         out[name] = tuple(tensor.shape)
     return out
 
 
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{name}" if mod_name else name), buf
+
+
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to save: parameters without tied duplicates, plus all buffers, contiguous."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.named_parameters(remove_duplicate=True):
-        tensors[name] = tensor.detach().contiguous()
-    for name, tensor in model.named_buffers(remove_duplicate=True):
-        tensors[name] = tensor.detach().contiguous()
+    """The tensors to save: parameters without tied duplicates, plus persistent buffers."""
+    tensors = {n: t.detach().contiguous() for n, t in model.named_parameters(remove_duplicate=True)}
+    tensors.update({n: t.detach().contiguous() for n, t in _persistent_buffers(model)})
     return tensors
 
 
 def _checkpoint_files(directory: str) -> list[str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SlicekitShapeError(f"{index} is corrupt ({err})") from err
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:
@@ -392,23 +505,35 @@ def _checkpoint_files(directory: str) -> list[str]:
     return [single]
 
 
-def load_weights(model: nn.Module, directory: str, device: str | torch.device = "cpu") -> None:
-    """Fill ``model`` (whose tensors may live on the meta device) from the safetensors files.
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    parent, name = _parent_and_name(model, key)
+    if name in parent._parameters:
+        old = parent._parameters[name]
+        # the file's dtype is the truth (a bfloat16 checkpoint stays bfloat16 unless asked)
+        parent._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        parent.register_buffer(name, tensor, persistent=name not in parent._non_persistent_buffers_set)
+
+
+def load_weights(model: nn.Module, directory: str, device: str | torch.device = "cpu",
+                 extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Fill ``model`` (whose parameters may live on the meta device) from the safetensors files.
 
     Every expected tensor must be present with exactly the expected shape, and nothing else may
-    be in the files: a truncated, edited or mismatched checkpoint fails with a message naming the
-    first problems instead of loading garbage.
+    be in the files (non-persistent buffers that older checkpoints stored are accepted): a
+    truncated, edited or mismatched checkpoint fails with a message naming the first problems
+    instead of loading garbage.  ``extra``: tensors an upgraded old format kept in its config.
     """
     from safetensors import SafetensorError, safe_open
 
     expected = expected_tensors(model)
+    optional = {n for n, _ in model.named_buffers()} - set(expected)
     seen: set[str] = set()
     problems: list[str] = []
-    owners = {}
-    for name, _ in model.named_parameters(remove_duplicate=True):
-        owners[name] = "param"
-    for name, _ in model.named_buffers(remove_duplicate=True):
-        owners[name] = "buffer"
+    for key, tensor in (extra or {}).items():
+        if key in expected and tuple(tensor.shape) == expected[key]:
+            _set_tensor(model, key, tensor.to(device))
+            seen.add(key)
     for path in _checkpoint_files(directory):
         try:
             handle = safe_open(path, framework="pt", device=str(device))
@@ -416,40 +541,27 @@ def load_weights(model: nn.Module, directory: str, device: str | torch.device = 
             raise SlicekitShapeError(f"cannot read {os.path.basename(path)} ({err}): the file is corrupt or truncated") from err
         with handle as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if key not in expected:
+                if key not in expected and key not in optional:
                     problems.append(f"unexpected tensor {key}")
                     continue
                 shp = tuple(fh.get_slice(key).get_shape())
-                if shp != expected[key]:
-                    problems.append(f"{key}: file has shape {list(shp)}, the shape description says {list(expected[key])}")
+                want = expected.get(key)
+                if want is not None and shp != want:
+                    problems.append(f"{key}: file has shape {list(shp)}, the shape description says {list(want)}")
                     continue
                 try:
                     tensor = fh.get_tensor(key)
                 except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                     raise SlicekitShapeError(f"cannot read tensor {key} from {os.path.basename(path)}: {err}") from err
-                parent, name = _parent_and_name(model, key)
-                if owners[key] == "param":
-                    old = parent._parameters[name]
-                    # the file's dtype is the truth (a bfloat16 checkpoint stays bfloat16 unless asked)
-                    parent._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-                else:
-                    persistent = name not in parent._non_persistent_buffers_set
-                    parent.register_buffer(name, tensor, persistent=persistent)
+                if want is None:  # an old checkpoint's copy of a buffer the model computes itself
+                    continue
+                _set_tensor(model, key, tensor)
                 seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
         problems.insert(0, f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
     if problems:
         raise SlicekitShapeError(f"checkpoint {directory} does not match its shape description: " + "; ".join(problems[:5]))
-
-
-def build_compressed_model(base_config: PretrainedConfig, shape: Mapping[str, Any]) -> nn.Module:
-    """The compressed architecture with uninitialised (meta) storage, built without allocating the
-    original-size model."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
-    apply_shape(model, shape)
-    return model
 
 
 def _resolve_dir(name_or_path: str, **hub_kwargs: Any) -> str:
@@ -462,33 +574,89 @@ def _resolve_dir(name_or_path: str, **hub_kwargs: Any) -> str:
     return snapshot_download(name_or_path, allow_patterns=allowed, **keep)
 
 
-def _split_config(raw: Mapping[str, Any]) -> tuple[PretrainedConfig, dict[str, Any]]:
-    if "slicekit" not in raw or "base_config" not in raw:
+def base_config_from_dict(base: Mapping[str, Any]) -> PretrainedConfig:
+    """The original architecture's config from its ``to_dict()`` form."""
+    return AutoConfig.for_model(**dict(base))
+
+
+def read_slicekit_config(directory: str) -> tuple[PretrainedConfig, dict[str, Any]]:
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SlicekitShapeError(f"{directory} has no config.json")
+    try:
+        with open(cfg_path) as fh:
+            raw = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise SlicekitShapeError(f"{cfg_path} is not valid JSON ({err})") from err
+    if not isinstance(raw, dict) or "slicekit" not in raw or "base_config" not in raw:
         raise SlicekitShapeError("config.json has no slicekit section: this is not a slicekit checkpoint")
-    base = dict(raw["base_config"])
-    base_config = AutoConfig.for_model(base.pop("model_type"), **base)
-    return base_config, dict(raw["slicekit"])
+    try:
+        base_config = base_config_from_dict(raw["base_config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise SlicekitShapeError(f"config.json has an unusable base_config ({err})") from err
+    meta = dict(raw["slicekit"])
+    if not isinstance(meta.get("shape"), dict) or "modules" not in meta["shape"]:
+        raise SlicekitShapeError("config.json's slicekit.shape is missing or malformed")
+    return base_config, meta
 
 
 def load_compressed(directory: str, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
     """Load a slicekit checkpoint as the original Hugging Face model class, compressed."""
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise SlicekitShapeError(f"{directory} has no config.json")
-    with open(cfg_path) as fh:
-        raw = json.load(fh)
-    base_config, meta = _split_config(raw)
-    model = build_compressed_model(base_config, meta["shape"])
-    load_weights(model, directory, device="cpu")
+    base_config, meta = read_slicekit_config(directory)
+    shape, extra = upgrade_shape(meta["shape"])
+    model = build_compressed_model(base_config, shape)
+    load_weights(model, directory, device="cpu", extra=extra)
     if getattr(base_config, "tie_word_embeddings", False):
         model.tie_weights()
     if dtype is not None and dtype != "auto":
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model = model.to(device)
     model.eval()
-    model.slicekit = meta  # the shape and provenance, for users and for slicekit.save
+    attach(model, {**meta, "shape": shape})
     return model
+
+
+# ------------------------------------------------------------------------------- saving again
+
+def slicekit_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The ``config.json`` of a compressed model: its original config plus the shape."""
+    from transformers import __version__ as tf_version
+
+    base = model.config.to_dict()
+    for key in ("quantization_config", "auto_map", "architectures", "_name_or_path"):
+        base.pop(key, None)
+    base["use_cache"] = True
+    cfg = SlicekitConfig(base_config=base, slicekit=model.slicekit).to_dict()
+    cfg.update({"architectures": ["SlicekitForCausalLM"], "transformers_version": tf_version,
+                "auto_map": {"AutoConfig": "modeling_slicekit.SlicekitConfig",
+                             "AutoModelForCausalLM": "modeling_slicekit.SlicekitForCausalLM"}})
+    return cfg
+
+
+def write_slicekit_files(model: nn.Module, directory: str) -> None:
+    """``config.json`` (slicekit form) and this loader next to weights already in ``directory``."""
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump(slicekit_config_dict(model), fh, indent=2)
+    here = os.path.abspath(__file__)
+    target = os.path.join(directory, "modeling_slicekit.py")
+    if os.path.abspath(target) != here:
+        shutil.copyfile(here, target)
+
+
+def _save_pretrained(self: nn.Module, save_directory: str, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of a compressed model: transformers writes the weights (and its own
+    config, which describes the *original* shape), then the slicekit config and loader replace
+    that config, so the directory loads back equal."""
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    write_slicekit_files(self, str(save_directory))
+    return result
+
+
+def attach(model: nn.Module, meta: Mapping[str, Any]) -> None:
+    """Record the shape on the model and make its ``save_pretrained`` write a slicekit checkpoint."""
+    model.slicekit = dict(meta)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
 
 
 class SlicekitConfig(PretrainedConfig):
@@ -514,7 +682,14 @@ class SlicekitForCausalLM(PreTrainedModel):
         directory = _resolve_dir(str(pretrained_model_name_or_path), **kwargs)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device_map = kwargs.get("device_map")
-        device = device_map if isinstance(device_map, str) and device_map != "auto" else "cpu"
-        if device_map == "auto" and torch.cuda.is_available():
-            device = "cuda"
-        return load_compressed(directory, dtype=dtype, device=device)
+        if device_map is None or (isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential")):
+            return load_compressed(directory, dtype=dtype, device=device_map or "cpu")
+        model = load_compressed(directory, dtype=dtype, device="cpu")
+        try:
+            from accelerate import dispatch_model, infer_auto_device_map
+        except ImportError as err:
+            raise ImportError("device_map needs the accelerate package (pip install accelerate)") from err
+        if not isinstance(device_map, Mapping):
+            device_map = infer_auto_device_map(model, max_memory=kwargs.get("max_memory"),
+                                               no_split_module_classes=model._no_split_modules)
+        return dispatch_model(model, device_map=dict(device_map))

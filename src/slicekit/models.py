@@ -77,7 +77,7 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
-               require_tokenizer: bool = True) -> tuple[nn.Module, object]:
+               require_tokenizer: bool = True, require_adapter: bool = True) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode.
 
     GGUF weights are dequantised by transformers; the result is re-created as a plain model so
@@ -100,7 +100,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
     gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     kwargs.update(gguf)
     try:
-        get_arch(AutoConfig.from_pretrained(src.path, **gguf))  # fail on an unknown type before loading weights
+        if require_adapter:  # fail on an unknown type before loading weights
+            get_arch(AutoConfig.from_pretrained(src.path, **gguf))
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except OSError as err:
         if src.kind == "hub":
@@ -147,26 +148,56 @@ def untie_head(model: nn.Module, head: str) -> None:
     module = model.get_submodule(head)
     module.weight = nn.Parameter(module.weight.data.clone(), requires_grad=module.weight.requires_grad)
     model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
+    from slicekit.arch import text_config
+
+    text_config(model.config).tie_word_embeddings = False
     tied = getattr(model, "_tied_weights_keys", None)
     if tied:
         model._tied_weights_keys = {} if isinstance(tied, dict) else []
 
 
 def count_parameters(model: nn.Module, spec=None) -> dict[str, int]:
-    """Real parameter counts: total, without embeddings (token/position tables and the LM head)
-    and decoder only (what the decoder layers hold, shortcut matrices included)."""
-    from slicekit.arch import get_arch
+    """Real parameter counts of a model: ``total``, ``non_embedding`` (without token/position
+    tables and the LM head) and ``decoder`` (what the decoder layers hold, shortcut matrices
+    included) — by describing the model and counting the description with the one counter,
+    :func:`slicekit.shape.count_plan`.  Architectures without an adapter get ``total`` only, with
+    the decoder taken as the model's longest module list."""
+    from slicekit.arch import UnsupportedArchitectureError, get_arch
+    from slicekit.shape import Plan, count_plan
 
-    spec = spec or get_arch(model.config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() already skips tied duplicates
-    emb_ids = set()
+    try:
+        get_arch(model.config)
+    except UnsupportedArchitectureError:
+        return generic_counts(model)
+    return count_plan(Plan.of(model)).as_dict()
+
+
+def generic_counts(model: nn.Module) -> dict[str, int]:
+    """Counts for any module: the decoder is the longest ``ModuleList`` (the decoder layers in
+    every causal LM transformers ships); embeddings are the input and output embedding modules."""
+    total = sum(p.numel() for p in model.parameters())
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    decoder = max((sum(p.numel() for p in m.parameters()) for m in lists), default=0)
     emb = 0
-    for m in [*spec.embeddings(model), model.get_submodule(spec.head)]:
-        for p in m.parameters(recurse=False):
-            if id(p) not in emb_ids:
-                emb_ids.add(id(p))
+    seen: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, getter, lambda: None)()
+        for p in (mod.parameters() if mod is not None else ()):
+            if id(p) not in seen:
+                seen.add(id(p))
                 emb += p.numel()
-    decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
     return {"total": total, "non_embedding": total - emb, "decoder": decoder}
+
+
+def enable_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """Turn transformers' activation (gradient) checkpointing on or off, across its API rename
+    (``activation_checkpointing_enable`` in current releases, ``gradient_checkpointing_enable``
+    in earlier 5.x ones, where the new name does not exist yet)."""
+    if enable:
+        new = getattr(model, "activation_checkpointing_enable", None)
+        if new is not None:
+            new(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()

@@ -1,23 +1,34 @@
-"""The programmatic workflow the CLI, the demo and the benchmarks share.
+"""The programmatic workflow the CLI, the demo and the benchmarks share — the same for every method.
 
-``compress(model, tokenizer, CompressRequest)`` draws the calibration set, runs the method through
-the calibration engine, measures time and memory, and returns everything a report or a model
-card needs.  Nothing here knows a particular method.
+``compress(model, tokenizer, method, config, CalibrationRequest)``:
+
+1. checks that the method can compress this architecture (before any work);
+2. draws calibration text only if the method or its schedule needs it;
+3. scores the layers if the schedule needs it (:mod:`slicekit.scores`);
+4. turns the schedule into per-layer fractions and, if ``config.target_params`` is set, scales
+   their mean until the **plan** removes that share of decoder parameters, counted by the one
+   counter (:func:`slicekit.shape.count_plan`) — no surgery is done to find it;
+5. lets the method apply the plan, then checks that the model is exactly the plan;
+6. records the shape on the model (so ``save_pretrained`` writes a slicekit checkpoint).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from slicekit.arch import get_arch
 from slicekit.data import load_text, sample_calibration
-from slicekit.methods import CompressionContext, CompressionResult, config_to_dict, get_method
-from slicekit.models import count_parameters
+from slicekit.errors import SlicekitError
+from slicekit.methods import MethodContext, MethodSpec, config_to_dict, get_method
 from slicekit.profiling import Measurement, limit_heap_retention, measure, release_memory
+from slicekit.schedules import needs_scores, resolve_schedule
+from slicekit.shape import ParamCounts, Plan, count_plan
 
 
 @dataclass
@@ -39,13 +50,14 @@ class CompressReport:
     params_original: dict[str, int]
     params_compressed: dict[str, int]
     measurement: Measurement
-    result: CompressionResult
+    plan: Plan
+    summary: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "settings": self.settings, "calibration": self.calibration,
                 "params": {"original": self.params_original, "compressed": self.params_compressed},
-                "compression": self.measurement.as_dict(), "summary": self.result.summary, **self.extra}
+                "compression": self.measurement.as_dict(), "summary": self.summary, **self.extra}
 
 
 def calibration_batches(tokenizer, req: CalibrationRequest) -> tuple[list[torch.Tensor], str]:
@@ -54,25 +66,161 @@ def calibration_batches(tokenizer, req: CalibrationRequest) -> tuple[list[torch.
     return cal.batches(req.batch_size), cal.description
 
 
-def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: CalibrationRequest,
+def n_layers_of(model: nn.Module) -> int:
+    return len(get_arch(model.config).layer_list(model))
+
+
+def check_supported(entry: MethodSpec, model: nn.Module, config: Any) -> None:
+    """Refuse early, naming what is supported, when the method cannot compress this model."""
+    from slicekit.arch import get_arch, supported_model_types
+
+    try:
+        get_arch(model.config)
+    except ValueError as err:
+        raise SlicekitError(f"{err}. Compression needs an adapter; `info`, `eval` and `bench` work on any "
+                            f"causal LM. Methods: {', '.join(sorted(_methods()))}; model types: "
+                            f"{', '.join(supported_model_types())}") from err
+    reason = entry.unsupported(model, config) if entry.unsupported else None
+    if reason:
+        raise SlicekitError(f"{entry.name} cannot compress this model: {reason}")
+
+
+def _methods() -> list[str]:
+    from slicekit.methods import available_methods
+
+    return available_methods()
+
+
+def needs_text(entry: MethodSpec, config: Any) -> bool:
+    return entry.needs.calibration or needs_scores(config.schedule)
+
+
+def schedule_fractions(entry: MethodSpec, model: nn.Module, config: Any, scores: Any) -> Callable[[float], list[float]]:
+    """``mean -> per-layer fractions`` of the config's schedule."""
+    n = n_layers_of(model)
+    extra = entry.schedule_kwargs(model, config) if entry.schedule_kwargs else {}
+    cap = config.max_layer_sparsity
+
+    def fractions(mean: float) -> list[float]:
+        return resolve_schedule(config.schedule, mean, n, scores=scores, slice_base=config.slice_base,
+                                epsilon=config.epsilon, cap=cap, **extra)
+
+    return fractions
+
+
+def solve_target(make_plan: Callable[[float], Plan], target_decoder: int, upper: float) -> float:
+    """The schedule mean in ``[0, upper)`` whose plan's decoder count is closest to
+    ``target_decoder`` (counts fall as the mean rises; bisection on the plan, no surgery).
+    A mean whose plan cannot be made (a width rounds to nothing) counts as too much removed."""
+    def decoder(mean: float) -> int | None:
+        try:
+            return count_plan(make_plan(mean)).decoder
+        except SlicekitError:
+            return None
+
+    lo, hi = 0.0, upper * (1 - 1e-9)
+    at_lo = count_plan(make_plan(lo)).decoder  # an error here is the user's to see
+    at_hi = decoder(hi)
+    if at_hi is not None and at_hi > target_decoder:
+        raise SlicekitError(f"the target cannot be met: even at the per-layer cap {upper} the plan keeps "
+                            f"{at_hi:,} decoder parameters (target {target_decoder:,}); raise "
+                            "max_layer_sparsity or lower target_params")
+    best = (abs(at_lo - target_decoder), lo)
+    if at_hi is not None:
+        best = min(best, (abs(at_hi - target_decoder), hi))
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        d = decoder(mid)
+        if d is not None:
+            best = min(best, (abs(d - target_decoder), mid))
+        if d is not None and d > target_decoder:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-7:
+            break
+    return best[1]
+
+
+@dataclass
+class PlannedRun:
+    """Everything decided before surgery."""
+
+    plan: Plan
+    fractions: list[float]
+    mean: float
+    original: ParamCounts
+    predicted: ParamCounts
+
+
+def plan_compression(entry: MethodSpec, model: nn.Module, config: Any, scores: Any = None) -> PlannedRun:
+    """The plan a run will apply, with its parameter counts — nothing in ``model`` changes."""
+    original = count_plan(Plan.of(model))
+    fractions_of = schedule_fractions(entry, model, config, scores)
+
+    def make_plan(mean: float) -> Plan:
+        return entry.plan(model, config, fractions_of(mean))
+
+    if config.target_params is not None:
+        target = round((1.0 - config.target_params) * original.decoder)
+        mean = solve_target(make_plan, target, config.max_layer_sparsity)
+    elif entry.default_mean is not None:
+        mean = entry.default_mean(config)
+    else:
+        raise SlicekitError(f"{entry.name} needs target_params (the fraction of decoder parameters to remove)")
+    fractions = fractions_of(mean)
+    plan = entry.plan(model, config, fractions)
+    return PlannedRun(plan, fractions, mean, original, count_plan(plan))
+
+
+def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: CalibrationRequest | None = None,
              device: str | torch.device = "cpu", progress: bool = True,
              batches: list[torch.Tensor] | None = None) -> CompressReport:
-    """Compress ``model`` in place with a registered method; time and memory cover the method
-    itself (calibration sampling excluded, as in the reference's timing)."""
+    """Compress ``model`` in place with a registered method; time and memory cover planning and
+    the method itself (calibration sampling excluded, as in the reference's timing)."""
     entry = get_method(method)
-    before = count_parameters(model)
-    description = "given batches"
-    if batches is None:
-        batches, description = calibration_batches(tokenizer, cal)
-    ctx = CompressionContext(device=torch.device(device), batch_size=cal.batch_size, progress=progress)
+    if not isinstance(config, entry.config_cls):
+        raise SlicekitError(f"{method} takes a {entry.config_cls.__name__}, not a {type(config).__name__}")
+    check_supported(entry, model, config)
+    cal = cal or CalibrationRequest()
+    description = "none (the method needs no calibration data)"
+    if needs_text(entry, config):
+        if batches is None:
+            batches, description = calibration_batches(tokenizer, cal)
+        else:
+            description = "given batches"
+    else:
+        batches = None
     torch.manual_seed(cal.seed)
     limit_heap_retention()
     release_memory(collect=True)
+    device = torch.device(device)
     with measure() as m:
-        result = entry.compress(model, batches, config, ctx)
-    after = count_parameters(model)
-    settings = {**config_to_dict(config), "calibration": asdict(cal)}
-    return CompressReport(method, settings, description, before, after, m, result)
+        scores = None
+        if needs_scores(config.schedule):
+            from slicekit.scores import layer_scores
+
+            scores = layer_scores(model, batches, device=device, progress=progress)
+        run = plan_compression(entry, model, config, scores)
+        ctx = MethodContext(batches if entry.needs.calibration else None, device, progress, run.fractions, scores)
+        with torch.set_grad_enabled(entry.needs.gradients):
+            summary = entry.apply(model, run.plan, config, ctx)
+    result = Plan.of(model, attributes=run.plan.attributes)
+    wrong = run.plan.differences(result)
+    if wrong:
+        raise RuntimeError(f"{method} did not produce its plan: " + "; ".join(wrong[:5]))
+    after = count_plan(result)
+    if after != run.predicted:
+        raise RuntimeError(f"{method}: counted {after} after surgery but planned {run.predicted}")
+    summary = {"method": method, "schedule_mean": run.mean, "layer_fractions": run.fractions, **summary}
+    if scores is not None:
+        summary["layer_scores"] = scores.as_dict()
+    settings = {**config_to_dict(config), "calibration": asdict(cal) if entry.needs.calibration else None}
+    from slicekit.modeling_slicekit import attach
+
+    attach(model, {"shape": run.plan.shape(), "info": {"method": method, "settings": settings}})
+    return CompressReport(method, settings, description, run.original.as_dict(), after.as_dict(), m,
+                          run.plan, summary)
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -37,12 +37,14 @@ towards plain removal; with many tokens it vanishes.  Biases of the second matri
 unchanged.
 """
 
-from slicekit.methods import register_method
+from slicekit.methods import MethodSpec, register_method
 from slicekit.methods.fasp.config import FASPConfig
-from slicekit.methods.fasp.procedure import compress
+from slicekit.methods.fasp.procedure import apply, plan, unsupported
 
-register_method("fasp", FASPConfig, compress,
-                "remove interlinked MLP neurons and attention KV groups by a Wanda-style score, "
-                "restore the kept weights by least squares")
+register_method(MethodSpec(
+    name="fasp", config_cls=FASPConfig, plan=plan, apply=apply, unsupported=unsupported,
+    description="remove interlinked MLP neurons and attention KV groups by a Wanda-style score, "
+                "restore the kept weights by least squares",
+))
 
-__all__ = ["FASPConfig", "compress"]
+__all__ = ["FASPConfig", "apply", "plan"]

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from slicekit.errors import SlicekitError
-from slicekit.schedules import check_sparsity
+from slicekit.methods import MethodConfig
 
 
 @dataclass
-class FASPConfig:
-    """``sparsity`` is the share of *decoder parameters* removed (e.g. 0.25).
+class FASPConfig(MethodConfig):
+    """``target_params`` is the share of *decoder parameters* removed (default 0.25).
 
     ``schedule``: how that share is spread over layers — ``constant`` (every layer loses the same
     share of its parameters), a JSON list of per-layer shares, or any name the shared
@@ -27,10 +27,9 @@ class FASPConfig:
     ``restore``: least-squares restoration of the kept columns (off = plain removal).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
-    sparsity: float = 0.25
-    schedule: str = "constant"
+    target_params: float | None = 0.25
     mlp_only: bool = False
     attention_sparsity: float | None = None
     round_to: int = 8
@@ -38,7 +37,9 @@ class FASPConfig:
     restore: bool = True
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
+        super().__post_init__()
+        if self.target_params is None:
+            raise SlicekitError("FASP needs target_params (the fraction of decoder parameters removed)")
         if self.attention_sparsity is not None and not 0.0 <= self.attention_sparsity < 1.0:
             raise SlicekitError(f"attention_sparsity must be in [0, 1) (got {self.attention_sparsity})")
         if self.mlp_only and self.attention_sparsity:
@@ -47,5 +48,3 @@ class FASPConfig:
             raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
         if self.damping is not None and self.damping < 0:
             raise SlicekitError(f"damping must be ≥ 0 (got {self.damping})")
-        if not isinstance(self.schedule, str) or not self.schedule:
-            raise SlicekitError("schedule must be a non-empty string")

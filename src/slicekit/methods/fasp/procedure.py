@@ -27,12 +27,10 @@ from torch import nn
 
 from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
-from slicekit.errors import SlicekitError
 from slicekit.linalg import anchored_gram, column_scores, lstsq_restore, reconstruction_error
-from slicekit.methods import CompressionContext, CompressionResult
+from slicekit.methods import MethodContext
 from slicekit.methods.fasp.config import FASPConfig
 from slicekit.methods.fasp.structure import (
-    HEAD_ATTRIBUTES,
     HeadGroups,
     group_cost,
     head_groups,
@@ -40,9 +38,7 @@ from slicekit.methods.fasp.structure import (
     mlp_width_of,
     neuron_cost,
 )
-from slicekit.models import count_parameters
-from slicekit.schedules import needs_scores, resolve_schedule
-from slicekit.shape import describe
+from slicekit.shape import Plan, layer_counts
 
 
 @dataclass
@@ -53,35 +49,21 @@ class LayerPlan:
     neurons: int
 
 
-@dataclass
-class Plan:
-    layers: list[LayerPlan]
-    budget: list[float]          # decoder parameters each layer should lose
-    neuron_cost: list[int]
-    group_cost: list[int]
-
-
-def plan_layers(model: nn.Module, spec: ArchSpec, config: FASPConfig, fractions: list[float],
-                groups: HeadGroups | None) -> Plan:
+def plan_units(base: Plan, config: FASPConfig, fractions: list[float], groups: HeadGroups | None) -> list[LayerPlan]:
     """Translate per-layer shares of parameters into whole KV groups and MLP neurons.
 
-    Layer ``l`` should lose ``s_l·P_l`` parameters (``P_l`` all of its parameters, so the shares
-    of a constant schedule add up to ``S`` of the decoder).  Groups first (``attention_sparsity``,
-    else ``floor(s_l·groups)``; at least one group always stays), then MLP neurons fill the rest
-    of the budget in multiples of ``round_to``.  Equal layers get equal numbers (so a uniform
-    schedule gives uniform widths); otherwise the rounding is distributed by largest remainder
-    so that the total is as close to the target as the multiples allow.
+    Layer ``l`` should lose ``s_l·P_l`` parameters (``P_l`` its parameters by the one counter, so
+    the shares of a constant schedule add up to ``S`` of the decoder).  Groups first
+    (``attention_sparsity``, else ``floor(s_l·groups)``; at least one group always stays), then
+    MLP neurons fill the rest of the budget in multiples of ``round_to``.  Equal layers get equal
+    numbers (so a uniform schedule gives uniform widths); otherwise the rounding is distributed
+    by largest remainder so that the total is as close to the budget as the multiples allow.
     """
-    layers = spec.layer_list(model)
     q = config.round_to
-    budgets, n_costs, g_costs, wanted_groups, real_neurons, widths = [], [], [], [], [], []
-    for layer, s in zip(layers, fractions, strict=True):
-        p_l = sum(p.numel() for p in layer.parameters())
-        budgets.append(s * p_l)
-        nc = neuron_cost(layer, spec)
-        gc = group_cost(layer, groups) if groups is not None else 0
-        n_costs.append(nc)
-        g_costs.append(gc)
+    wanted_groups, real_neurons, widths = [], [], []
+    for i, (p_l, s) in enumerate(zip(layer_counts(base), fractions, strict=True)):
+        nc = neuron_cost(base, i)
+        gc = group_cost(base, i, groups) if groups is not None else 0
         if groups is None or config.mlp_only:
             g = 0
         elif config.attention_sparsity is not None:
@@ -91,8 +73,7 @@ def plan_layers(model: nn.Module, spec: ArchSpec, config: FASPConfig, fractions:
         if groups is not None:
             g = min(g, groups.n_groups - 1)
         wanted_groups.append(g)
-        width = mlp_width_of(layer, spec)
-        widths.append(width)
+        widths.append(base.mlp_width(i))
         real_neurons.append(max(0.0, (s * p_l - g * gc) / nc) if nc else 0.0)
 
     max_units = [(w - q) // q if w > q else 0 for w in widths]  # keep at least `round_to` neurons
@@ -109,8 +90,40 @@ def plan_layers(model: nn.Module, spec: ArchSpec, config: FASPConfig, fractions:
             if chosen[i] < max_units[i]:
                 chosen[i] += 1
                 short -= 1
-    plans = [LayerPlan(groups=g, neurons=c * q) for g, c in zip(wanted_groups, chosen, strict=True)]
-    return Plan(plans, budgets, n_costs, g_costs)
+    return [LayerPlan(groups=g, neurons=c * q) for g, c in zip(wanted_groups, chosen, strict=True)]
+
+
+def _groups(model: nn.Module, config: FASPConfig) -> tuple[HeadGroups | None, str | None]:
+    if config.mlp_only:
+        return None, "mlp_only"
+    return head_groups(model.config, get_arch(model.config))
+
+
+def plan(model: nn.Module, config: FASPConfig, fractions: list[float]) -> Plan:
+    """The shape after removing each layer's planned KV groups and MLP neurons."""
+    spec = get_arch(model.config)
+    groups, _ = _groups(model, config)
+    p = Plan.of(model)
+    for i, lp in enumerate(plan_units(p, config, fractions, groups)):
+        if lp.neurons:
+            p.set_mlp_width(i, p.mlp_width(i) - lp.neurons)
+        if lp.groups:
+            kept = groups.n_groups - lp.groups
+            for name in groups.readers:
+                rows = len(groups.rows[0][name])
+                p.resize_linear(spec.layer_path(i, name), out_features=kept * rows)
+            p.resize_linear(spec.layer_path(i, groups.writer), in_features=kept * len(groups.cols[0]))
+            values = {"heads": kept * groups.heads_per_group, "q_width": kept * groups.heads_per_group * groups.head_dim}
+            for attr, what in spec.head_count_attributes:
+                p.attributes[f"{spec.attn_path(i)}.{attr}"] = values[what]
+    return p
+
+
+def unsupported(model: nn.Module, config: FASPConfig) -> str | None:
+    groups, reason = _groups(model, config)
+    if groups is None and not config.mlp_only and config.attention_sparsity:
+        return f"its attention heads cannot be removed ({reason}); use mlp_only"
+    return None
 
 
 def _rel(err: float, total: float) -> float:
@@ -120,7 +133,7 @@ def _rel(err: float, total: float) -> float:
 class PruneAndRestore:
     """The engine method; ``self.records`` collects per-layer widths and reconstruction errors."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, plan: Plan, groups: HeadGroups | None,
+    def __init__(self, model: nn.Module, spec: ArchSpec, plan: list[LayerPlan], groups: HeadGroups | None,
                  config: FASPConfig) -> None:
         self.model, self.spec, self.plan, self.groups, self.config = model, spec, plan, groups, config
         self.records: list[dict[str, Any]] = []
@@ -165,10 +178,8 @@ class PruneAndRestore:
         self._restore(writer, gram, cols, rec, "attn")
         heads = len(kept) * gr.heads_per_group
         values = {"heads": heads, "q_width": heads * gr.head_dim}
-        attn_path = f"{self.spec.layers}.{step.index}.{self.spec.block.attn}"
-        for attr, what in HEAD_ATTRIBUTES.get(self.model.config.model_type, {}).items():
+        for attr, what in self.spec.head_count_attributes:
             setattr(layer.get_submodule(self.spec.block.attn), attr, values[what])
-            self.attributes[f"{attn_path}.{attr}"] = values[what]
         rec.update(kv_groups=len(kept), heads=heads, attn_scores=scores.tolist())
 
     def _prune_mlp(self, step: LayerStep, gram: Gram, n_remove: int, rec: dict) -> None:
@@ -186,7 +197,7 @@ class PruneAndRestore:
         rec["mlp_width"] = int(keep.numel())
 
     def process_layer(self, step: LayerStep) -> None:
-        b, lp = self.spec.block, self.plan.layers[step.index]
+        b, lp = self.spec.block, self.plan[step.index]
         attn_point, mlp_point = f"{b.attn_writer}:input", f"{b.mlp_down}:input"
         rec: dict[str, Any] = {"layer": step.index, "mlp_width": mlp_width_of(step.layer, self.spec)}
         if self.groups is not None:
@@ -204,47 +215,18 @@ class PruneAndRestore:
         self.records.append(rec)
 
 
-def layer_fractions(model: nn.Module, calibration: list[torch.Tensor], config: FASPConfig,
-                    ctx: CompressionContext) -> tuple[list[float], dict[str, Any] | None]:
-    """Per-layer shares from the shared schedules (scored schedules score the model as given)."""
-    n_layers = len(get_arch(model.config).layer_list(model))
-    scores = None
-    if needs_scores(config.schedule):
-        from slicekit.scores import layer_scores
-
-        scores = layer_scores(model, calibration, device=ctx.device, progress=ctx.progress)
-    fractions = resolve_schedule(config.schedule, config.sparsity, n_layers, scores=scores)
-    return fractions, (None if scores is None else scores.as_dict())
-
-
 @torch.no_grad()
-def compress(model: nn.Module, calibration: list[torch.Tensor], config: FASPConfig,
-             ctx: CompressionContext | None = None) -> CompressionResult:
-    """Prune ``model`` in place so that about ``config.sparsity`` of its decoder parameters go."""
-    ctx = ctx or CompressionContext()
+def apply(model: nn.Module, plan_: Plan, config: FASPConfig, ctx: MethodContext) -> dict[str, Any]:
+    """Prune ``model`` in place, layer by layer on sequential calibration, as planned."""
     spec = get_arch(model.config)
-    before = count_parameters(model, spec)["decoder"]
-    groups, reason = (None, "mlp_only") if config.mlp_only else head_groups(model.config, spec)
-    if groups is None and not config.mlp_only and config.attention_sparsity:
-        raise SlicekitError(f"cannot remove attention heads of {model.config.model_type}: {reason}")
-    fractions, scores = layer_fractions(model, calibration, config, ctx)
-    plan = plan_layers(model, spec, config, fractions, groups)
-    engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
-    method = PruneAndRestore(model, spec, plan, groups, config)
-    engine.run(method, desc="fasp")
-    after = count_parameters(model, spec)["decoder"]
-    summary = {
-        "method": "fasp",
-        "target_decoder_share": config.sparsity,
-        "achieved_decoder_share": (before - after) / before,
-        "decoder_params": {"original": before, "compressed": after},
-        "layer_fractions": fractions,
-        "attention": (f"whole KV groups removed: {sum(p.groups for p in plan.layers)} in all" if groups is not None
+    groups, reason = _groups(model, config)
+    units = plan_units(Plan.of(model), config, ctx.fractions, groups)
+    method = PruneAndRestore(model, spec, units, groups, config)
+    ctx.engine(model).run(method, desc="fasp")
+    return {
+        "attention": (f"whole KV groups removed: {sum(p.groups for p in units)} in all" if groups is not None
                       else f"kept whole ({reason})"),
         "mlp_widths": [r["mlp_width"] for r in method.records],
         "heads": [r.get("heads") for r in method.records],
         "layers": method.records,
     }
-    if scores is not None:
-        summary["layer_scores"] = scores
-    return CompressionResult(describe(model, method.attributes), summary)

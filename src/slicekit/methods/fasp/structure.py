@@ -9,9 +9,8 @@ first matrix dead, so both go at once:
   every query head that reads it, and the matching columns of W_O (see the package docstring for
   why whole groups).  With multi-head attention a group is one head.
 
-Architecture knowledge that the shared table in :mod:`slicekit.arch` does not hold — the module
-attributes the installed transformers attention reads at run time — is data here
-(:data:`HEAD_ATTRIBUTES`), keyed by ``model_type``.
+The module attributes the installed transformers attention reads at run time, and families
+whose heads cannot be removed, are facts of the architecture table (:mod:`slicekit.arch`).
 """
 
 from __future__ import annotations
@@ -22,21 +21,7 @@ import torch
 from torch import nn
 
 from slicekit.arch import ArchSpec, attention_info, linear_weight
-
-# model_type -> {attribute of the attention module: what it must equal after pruning}, where the
-# value is "heads" (number of kept query heads) or "q_width" (kept query heads × head_dim).
-# Families not listed derive head counts from tensor shapes (`view(..., -1, head_dim)`) and keep
-# `num_key_value_groups` (unchanged, since whole KV groups go).
-HEAD_ATTRIBUTES: dict[str, dict[str, str]] = {
-    "opt": {"num_heads": "heads"},
-    "gpt2": {"num_heads": "heads", "split_size": "q_width"},
-}
-
-# model_type -> why its heads cannot be removed with the unmodified transformers module.
-HEADS_UNSUPPORTED: dict[str, str] = {
-    "phi3": "Phi3Attention splits its fused qkv_proj at config.num_attention_heads × head_dim, read from "
-            "the config object all layers share, so per-layer head counts cannot be expressed",
-}
+from slicekit.shape import Plan
 
 
 @dataclass(frozen=True)
@@ -57,9 +42,8 @@ class HeadGroups:
 
 def head_groups(config, spec: ArchSpec) -> tuple[HeadGroups | None, str | None]:
     """The KV groups of the family, or ``(None, reason)`` when heads cannot be removed."""
-    mt = config.model_type
-    if mt in HEADS_UNSUPPORTED:
-        return None, HEADS_UNSUPPORTED[mt]
+    if spec.heads_fixed_reason:
+        return None, spec.heads_fixed_reason
     info = attention_info(config)
     b = spec.block
     hd, gs, nkv, nh = info.head_dim, info.group_size, info.num_kv_heads, info.num_heads
@@ -86,22 +70,25 @@ def head_groups(config, spec: ArchSpec) -> tuple[HeadGroups | None, str | None]:
     return HeadGroups(tuple(b.attn_readers), b.attn_writer, rows, cols, gs, hd), None
 
 
-def _in_cost(lin: nn.Module) -> int:
-    """Parameters in one row of a linear (its inputs plus its bias entry)."""
-    return int(linear_weight(lin).shape[1]) + (1 if lin.bias is not None else 0)
+def _row_cost(spec: dict) -> int:
+    """Parameters in one row of a planned linear (its inputs plus its bias entry)."""
+    return int(spec["in_features"]) + (1 if spec.get("bias") else 0)
 
 
-def neuron_cost(layer: nn.Module, spec: ArchSpec) -> int:
-    """Decoder parameters removed with one MLP intermediate neuron (the down bias stays)."""
-    b = spec.block
-    up = sum(_in_cost(layer.get_submodule(n)) * b.mlp_up_fused for n in b.mlp_up)
-    return up + int(linear_weight(layer.get_submodule(b.mlp_down)).shape[0])
+def neuron_cost(plan: Plan, layer: int) -> int:
+    """Decoder parameters removed with one MLP intermediate neuron (the down bias stays), read
+    off the plan."""
+    arch = plan.arch
+    b = arch.block
+    up = sum(_row_cost(plan.linear(arch.layer_path(layer, n))) * b.mlp_up_fused for n in b.mlp_up)
+    return up + int(plan.linear(arch.layer_path(layer, b.mlp_down))["out_features"])
 
 
-def group_cost(layer: nn.Module, groups: HeadGroups) -> int:
-    """Decoder parameters removed with one KV group (the output bias stays)."""
-    rows = sum(len(groups.rows[0][n]) * _in_cost(layer.get_submodule(n)) for n in groups.readers)
-    return rows + len(groups.cols[0]) * int(linear_weight(layer.get_submodule(groups.writer)).shape[0])
+def group_cost(plan: Plan, layer: int, groups: HeadGroups) -> int:
+    """Decoder parameters removed with one KV group (the output bias stays), read off the plan."""
+    arch = plan.arch
+    rows = sum(len(groups.rows[0][n]) * _row_cost(plan.linear(arch.layer_path(layer, n))) for n in groups.readers)
+    return rows + len(groups.cols[0]) * int(plan.linear(arch.layer_path(layer, groups.writer))["out_features"])
 
 
 def mlp_width_of(layer: nn.Module, spec: ArchSpec) -> int:

@@ -6,18 +6,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from slicekit.errors import SlicekitError
-from slicekit.schedules import DEFAULT_CAP, DEFAULT_EPSILON, check_schedule, check_sparsity
+from slicekit.methods import MethodConfig
 
 MODULES = ("mlp", "qk", "vo")
 
 
 @dataclass
-class MoDeGPTConfig:
+class MoDeGPTConfig(MethodConfig):
     """``sparsity`` is the share of *decoder parameters* removed (real counts, e.g. 0.25).
 
     ``schedule``: per-layer allocation — ``modegpt`` (``softmax(−BI/ε)``, the paper's), ``constant``,
     ``dynamic`` or a JSON file (see :mod:`slicekit.schedules`); the schedule's mean is then scaled
-    so that the real decoder parameter share removed matches ``sparsity``.  ``epsilon``: the
+    so that the real decoder parameter share removed matches ``target_params`` (default 0.25).  ``epsilon``: the
     softmax temperature ε; ``max_layer_sparsity``: the per-layer cap.
     ``modules``: comma-separated subset of ``mlp,qk,vo`` to compress (the others keep their size
     and the rest take the whole budget); attention modules are skipped on families whose
@@ -29,23 +29,18 @@ class MoDeGPTConfig:
     and 0.1 gave 102 instead of 94 (ridge 1).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
-    sparsity: float = 0.25
+    target_params: float | None = 0.25
     schedule: str = "modegpt"
-    epsilon: float = DEFAULT_EPSILON
-    max_layer_sparsity: float = DEFAULT_CAP
     modules: str = "mlp,qk,vo"
     ridge: float = 1.0
     damping: float = 1e-2
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
-        check_schedule(self.schedule)
-        if not self.epsilon > 0:
-            raise SlicekitError(f"epsilon must be > 0 (got {self.epsilon})")
-        if not 0 < self.max_layer_sparsity < 1:
-            raise SlicekitError(f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})")
+        super().__post_init__()
+        if self.target_params is None:
+            raise SlicekitError("MoDeGPT needs target_params (the fraction of decoder parameters removed)")
         if self.ridge <= 0:
             raise SlicekitError(f"ridge must be > 0 (got {self.ridge})")
         if self.damping < 0:

@@ -34,7 +34,6 @@ Choices beyond the paper (documented, measured in benchmarks/modegpt.py):
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,7 +41,6 @@ from torch import nn
 
 from slicekit.arch import ArchSpec, attention_info, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, LayerStep
-from slicekit.errors import SlicekitError
 from slicekit.linalg import (
     cr_scores,
     lstsq_restore,
@@ -51,12 +49,10 @@ from slicekit.linalg import (
     sqrt_and_inv_sqrt,
     whitened_svd,
 )
-from slicekit.methods import CompressionContext, CompressionResult
+from slicekit.methods import MethodContext
 from slicekit.methods.modegpt.config import MoDeGPTConfig
-from slicekit.modeling_slicekit import ReducedAttention
-from slicekit.models import count_parameters
-from slicekit.schedules import needs_scores, resolve_schedule
-from slicekit.shape import describe
+from slicekit.modeling_slicekit import make_reduced_attention
+from slicekit.shape import Plan
 
 
 @dataclass(frozen=True)
@@ -79,87 +75,49 @@ class AttentionGeometry:
 
 
 def attention_geometry(model: nn.Module, spec: ArchSpec) -> AttentionGeometry | None:
-    """The geometry of the family's attention if :class:`ReducedAttention` can narrow it, else None."""
+    """The geometry of the family's attention if its heads can be narrowed, else None: the
+    table must name separate q/k/v/o projections, and per-head q/k norms (which normalise the
+    full head) rule it out."""
     b = spec.block
-    if b.qkv_layout != "separate" or spec.rotary not in ("half", "none") or len(b.attn_readers) != 3:
-        return None
-    prefix = b.attn + "."
-    names = [r[len(prefix):] for r in (*b.attn_readers, b.attn_writer)]
-    attn = spec.layer_list(model)[0].get_submodule(b.attn)
-    if getattr(attn, "qk_layernorm", False):
+    if None in (b.attn_q, b.attn_k, b.attn_v, b.attn_o) or b.qk_norm or spec.rotary not in ("half", "none"):
         return None
     info = attention_info(model.config)
-    return AttentionGeometry(b.attn, *names, info.num_heads, info.num_kv_heads, info.head_dim, info.rotary_dim)
+    return AttentionGeometry(b.attn, b.attn_q, b.attn_k, b.attn_v, b.attn_o, info.num_heads, info.num_kv_heads,
+                             info.head_dim, info.rotary_dim)
 
 
 @dataclass
 class LayerPlan:
-    """Kept sizes of one layer: MLP neurons, query/key dims per head, value/output rank per head
-    (``None`` where the family's attention is not narrowed)."""
+    """Kept sizes of one layer: MLP neurons, query/key dims per head (of which ``rotary`` are
+    rotated), value/output rank per head (``None`` where attention is not narrowed)."""
 
     sparsity: float
     mlp_keep: int
     qk_keep: int | None
     vo_rank: int | None
+    rotary: int = 0
 
 
-@dataclass(frozen=True)
-class UnitCosts:
-    """Parameters one kept unit costs: an MLP neuron, a query/key dim (per head), a value rank."""
-
-    mlp_width: int
-    mlp: int
-    head_dim: int
-    qk: int
-    vo: int
-    rotary_dim: int
-    vo_fold: int = 0  # parameters the value-bias fold removes (value bias − new output bias)
-
-    def keeps(self, rho: float) -> tuple[int, int, int]:
-        keep = 1.0 - rho
-        mlp = max(1, min(self.mlp_width, round(keep * self.mlp_width))) if self.mlp else self.mlp_width
-        if self.qk:
-            qk = round(keep * self.head_dim)
-            if self.rotary_dim:  # rotary pairs: keep an even number of dims
-                qk = 2 * round(keep * self.head_dim / 2)
-            qk = max(2 if self.rotary_dim else 1, min(self.head_dim, qk))
-        else:
-            qk = self.head_dim
-        vo = max(1, min(self.head_dim, round(keep * self.head_dim))) if self.vo else self.head_dim
-        return mlp, qk, vo
-
-    def removed(self, rho: float) -> int:
-        mlp, qk, vo = self.keeps(rho)
-        return ((self.mlp_width - mlp) * self.mlp + (self.head_dim - qk) * self.qk
-                + (self.head_dim - vo) * self.vo + (self.vo_fold if vo < self.head_dim else 0))
-
-
-def _rows_cost(lin: nn.Module, rows_per_unit: int) -> int:
-    w = linear_weight(lin)
-    return rows_per_unit * (int(w.shape[1]) + (1 if lin.bias is not None else 0))
-
-
-def unit_costs(layer: nn.Module, spec: ArchSpec, geo: AttentionGeometry | None, modules: set[str]) -> UnitCosts:
-    b = spec.block
-    down = layer.get_submodule(b.mlp_down)
-    width = int(linear_weight(down).shape[1])
-    mlp = 0
-    if "mlp" in modules:
-        mlp = sum(_rows_cost(layer.get_submodule(n), b.mlp_up_fused) for n in b.mlp_up) + int(linear_weight(down).shape[0])
-    qk = vo = fold = 0
-    head_dim, rot = 1, 0
-    if geo is not None:
-        attn = layer.get_submodule(geo.path)
-        head_dim, rot = geo.head_dim, geo.rotary_dim
-        if "qk" in modules:
-            qk = (_rows_cost(getattr(attn, geo.q), geo.num_heads) + _rows_cost(getattr(attn, geo.k), geo.num_kv_heads))
-        if "vo" in modules:
-            v, o = getattr(attn, geo.v), getattr(attn, geo.o)
-            out_dim = int(linear_weight(o).shape[0])
-            vo = geo.num_kv_heads * int(linear_weight(v).shape[1]) + geo.num_heads * out_dim  # value bias folded away
-            if v.bias is not None:
-                fold = geo.num_kv_heads * geo.head_dim - (out_dim if o.bias is None else 0)
-    return UnitCosts(width, mlp, head_dim, qk, vo, rot, fold)
+def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: set[str]) -> LayerPlan:
+    """Sizes kept at layer sparsity ``rho``: the same kept fraction for every compressed module
+    (rotary pairs stay whole; with partial rotary the rotated share of the head is kept)."""
+    keep = 1.0 - rho
+    mlp = max(1, min(mlp_width, round(keep * mlp_width))) if "mlp" in modules else mlp_width
+    if geo is None:
+        return LayerPlan(rho, mlp, None, None)
+    d, r = geo.head_dim, geo.rotary_dim
+    qk = d
+    if "qk" in modules:
+        qk = 2 * round(keep * d / 2) if r else round(keep * d)
+        qk = max(2 if r else 1, min(d, qk))
+    rot = 0
+    if r:
+        rot = min(r, qk, 2 * round(qk * r / d / 2))
+        need = qk - (d - r)  # dims beyond the unrotated ones must be rotated
+        if need > rot:
+            rot = need + need % 2
+    vo = max(1, min(d, round(keep * d))) if "vo" in modules else d
+    return LayerPlan(rho, mlp, qk, vo, rot)
 
 
 def fold_value_bias(attn: nn.Module, geo: AttentionGeometry) -> None:
@@ -199,7 +157,7 @@ class ModularDecomposition:
         pass
 
     # ------------------------------------------------------------ attention
-    def _qk(self, attn: nn.Module, gq: torch.Tensor, gk: torch.Tensor, keep: int) -> list[torch.Tensor]:
+    def _qk(self, attn: nn.Module, gq: torch.Tensor, gk: torch.Tensor, keep: int, rotated: int) -> list[torch.Tensor]:
         g = self.geo
         d, kv, grp = g.head_dim, g.num_kv_heads, g.group
         scores = torch.zeros(kv, d, dtype=torch.float64)
@@ -208,10 +166,10 @@ class ModularDecomposition:
             for h in range(j * grp, (j + 1) * grp):
                 scores[j] += cr_scores(gq[h * d:(h + 1) * d, h * d:(h + 1) * d], ck).cpu()
         if 0 < g.rotary_dim < d:  # partial rotary: one set for all heads (same rotated count per head)
-            shared = select_qk_dims(scores.sum(0), keep, g.rotary_dim)
+            shared = select_qk_dims(scores.sum(0), keep, g.rotary_dim, rotated)
             index = [shared] * kv
         else:
-            index = [select_qk_dims(scores[j], keep, g.rotary_dim) for j in range(kv)]
+            index = [select_qk_dims(scores[j], keep, g.rotary_dim, rotated) for j in range(kv)]
         q_rows = torch.cat([h * d + index[h // grp] for h in range(g.num_heads)])
         k_rows = torch.cat([j * d + index[j] for j in range(kv)])
         _select_rows(getattr(attn, g.q), q_rows)
@@ -238,8 +196,7 @@ class ModularDecomposition:
 
     def _attention(self, step: LayerStep, plan: LayerPlan) -> None:
         g, layer = self.geo, step.layer
-        do_qk = "qk" in self.modules and plan.qk_keep < g.head_dim
-        do_vo = "vo" in self.modules and plan.vo_rank < g.head_dim
+        do_qk, do_vo = plan.qk_keep < g.head_dim, plan.vo_rank < g.head_dim
         if not (do_qk or do_vo):
             return
         attn = layer.get_submodule(g.path)
@@ -247,21 +204,14 @@ class ModularDecomposition:
         wanted = ([points["v"]] if do_vo else []) + ([points["q"], points["k"]] if do_qk else [])
         obs = step.forward(grams=wanted)
         index = [torch.arange(g.head_dim)] * g.num_kv_heads
-        qk_dim, rot = g.head_dim, g.rotary_dim
         if do_qk:
-            index = self._qk(attn, obs.grams[points["q"]].matrix, obs.grams[points["k"]].matrix, plan.qk_keep)
-            qk_dim = plan.qk_keep
-            rot = int((index[0] < g.rotary_dim).sum())
+            index = self._qk(attn, obs.grams[points["q"]].matrix, obs.grams[points["k"]].matrix, plan.qk_keep,
+                             plan.rotary)
         if do_vo:
             fold_value_bias(attn, g)
             self._vo(attn, obs.grams[points["v"]].matrix, plan.vo_rank)
-        spec = {"q": g.q, "k": g.k, "v": g.v, "o": g.o, "num_heads": g.num_heads, "num_kv_heads": g.num_kv_heads,
-                "qk_dim": qk_dim, "v_dim": plan.vo_rank if do_vo else g.head_dim, "rotary_dim": rot,
-                "qk_index": [ix.tolist() for ix in index], "scaling": float(g.head_dim ** -0.5)}
-        spec["scaling"] = float(getattr(attn, "scaling", spec["scaling"]))
-        parent_path, _, name = g.path.rpartition(".")
-        parent = layer.get_submodule(parent_path) if parent_path else layer
-        setattr(parent, name, ReducedAttention(attn, spec))
+        make_reduced_attention(attn, attention_spec(g, plan))
+        attn.qk_index.copy_(torch.stack(index).to(attn.qk_index.device))
 
     # ------------------------------------------------------------ MLP
     def _mlp(self, step: LayerStep, plan: LayerPlan) -> None:
@@ -286,88 +236,65 @@ class ModularDecomposition:
         self._mlp(step, plan)
 
 
-def plan_layers(costs: UnitCosts, n_layers: int, removable_target: int, config: MoDeGPTConfig,
-                scores=None) -> tuple[list[LayerPlan], float]:
-    """Per-layer kept sizes whose total removed parameters is closest to ``removable_target``.
+def attention_spec(g: AttentionGeometry, lp: LayerPlan) -> dict:
+    """The ``reduced_attention`` entry of the shape for one layer."""
+    rotary = lp.rotary if lp.qk_keep < g.head_dim else g.rotary_dim
+    return {"q": g.q, "k": g.k, "v": g.v, "o": g.o, "num_heads": g.num_heads, "num_kv_heads": g.num_kv_heads,
+            "qk_dim": lp.qk_keep, "v_dim": lp.vo_rank, "rotary_dim": rotary}
 
-    The schedule gives fractions with mean ``m``; ``m`` is found by bisection (the removed count
-    is non-decreasing in ``m``).  Returns the plans and the schedule mean used.
-    """
-    cap = config.max_layer_sparsity
 
-    def fractions(mean: float) -> list[float]:
-        return resolve_schedule(config.schedule, mean, n_layers, scores=scores, epsilon=config.epsilon, cap=cap)
+def _geometry(model: nn.Module, config: MoDeGPTConfig) -> tuple[ArchSpec, AttentionGeometry | None]:
+    spec = get_arch(model.config)
+    geo = attention_geometry(model, spec) if {"qk", "vo"} & config.module_set else None
+    return spec, geo
 
-    def removed(mean: float) -> int:
-        return sum(costs.removed(r) for r in fractions(mean))
 
-    lo, hi = 0.0, cap * (1 - 1e-9)
-    if removed(hi) < removable_target:
-        raise SlicekitError(f"cannot remove {removable_target} decoder parameters with the modules "
-                            f"{config.modules!r} at a per-layer cap of {cap}")
-    best = (abs(removed(0.0) - removable_target), 0.0)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        r = removed(mid)
-        best = min(best, (abs(r - removable_target), mid))
-        if r < removable_target:
-            lo = mid
-        else:
-            hi = mid
-    mean = best[1]
-    plans = [LayerPlan(r, *costs.keeps(r)) for r in fractions(mean)]
-    return plans, mean
+def layer_plans(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> list[LayerPlan]:
+    spec, geo = _geometry(model, config)
+    width = int(linear_weight(spec.layer_list(model)[0].get_submodule(spec.block.mlp_down)).shape[1])
+    return [keeps(r, width, geo, config.module_set) for r in fractions]
+
+
+def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Plan:
+    """Kept MLP neurons, query/key dims and value ranks per layer at per-layer sparsities
+    ``fractions`` (the same kept fraction for each compressed module of a layer)."""
+    spec, geo = _geometry(model, config)
+    p = Plan.of(model)
+    for i, lp in enumerate(layer_plans(model, config, fractions)):
+        if lp.mlp_keep < p.mlp_width(i):
+            p.set_mlp_width(i, lp.mlp_keep)
+        if geo is None or (lp.qk_keep >= geo.head_dim and lp.vo_rank >= geo.head_dim):
+            continue
+        def at(child: str | None = None, i: int = i) -> str:
+            return spec.attn_path(i, child)
+
+        p.resize_linear(at(geo.q), out_features=geo.num_heads * lp.qk_keep)
+        p.resize_linear(at(geo.k), out_features=geo.num_kv_heads * lp.qk_keep)
+        if lp.vo_rank < geo.head_dim:
+            v_bias = p.linear(at(geo.v))["bias"]
+            p.resize_linear(at(geo.v), out_features=geo.num_kv_heads * lp.vo_rank, bias=False)
+            p.resize_linear(at(geo.o), in_features=geo.num_heads * lp.vo_rank,
+                            bias=p.linear(at(geo.o))["bias"] or v_bias)
+        p.reduced_attention(at(), attention_spec(geo, lp))
+    return p
+
+
+def unsupported(model: nn.Module, config: MoDeGPTConfig) -> str | None:
+    """MoDeGPT needs at least one module it can compress on this family."""
+    _, geo = _geometry(model, config)
+    if geo is None and config.module_set <= {"qk", "vo"}:
+        return (f"its attention heads cannot be narrowed (fused q/k/v or per-head q/k norms) and modules="
+                f"{config.modules!r} leaves nothing else; add mlp")
+    return None
 
 
 @torch.no_grad()
-def compress(model: nn.Module, calibration: list[torch.Tensor], config: MoDeGPTConfig,
-             ctx: CompressionContext | None = None, fractions: list[float] | None = None) -> CompressionResult:
-    """Compress ``model`` in place so that ``config.sparsity`` of its decoder parameters go.
-
-    ``fractions``: per-layer sparsities to use as given (no schedule, no parameter matching).
-    """
-    ctx = ctx or CompressionContext()
-    spec = get_arch(model.config)
-    layers = spec.layer_list(model)
-    n_layers = len(layers)
-    modules = config.module_set
-    original = count_parameters(model, spec)
-    geo = attention_geometry(model, spec)
-    if geo is not None and not ({"qk", "vo"} & modules):
-        geo = None
-    skipped = sorted({"qk", "vo"} & modules) if geo is None else []
-    if modules - set(skipped) == set():
-        raise SlicekitError(f"{model.config.model_type}: none of the modules {config.modules!r} can be compressed")
-    costs = unit_costs(layers[0], spec, geo, modules)
-    scores = None
-    if fractions is None:
-        if needs_scores(config.schedule):
-            from slicekit.scores import layer_scores
-
-            scores = layer_scores(model, calibration, device=ctx.device, progress=ctx.progress)
-        target = round(config.sparsity * original["decoder"])
-        plans, mean = plan_layers(costs, n_layers, target, config, scores)
-    else:
-        if len(fractions) != n_layers:
-            raise SlicekitError(f"{len(fractions)} fractions for {n_layers} layers")
-        plans, mean = [LayerPlan(r, *costs.keeps(r)) for r in fractions], sum(fractions) / n_layers
-    if geo is None:
-        for p in plans:
-            p.qk_keep = p.vo_rank = None
-    engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
+def apply(model: nn.Module, plan_: Plan, config: MoDeGPTConfig, ctx: MethodContext) -> dict:
+    """Compress attention, then the MLP, of every layer in turn, on sequential calibration."""
+    spec, geo = _geometry(model, config)
+    plans = layer_plans(model, config, ctx.fractions)
     method = ModularDecomposition(spec, geo, plans, config)
-    engine.run(method, desc="modegpt")
-    after = count_parameters(model, spec)
-    summary = {
-        "method": "modegpt",
-        "modules": sorted(modules - set(skipped)),
-        "skipped_modules": skipped,
-        "schedule_mean": mean,
-        "layers": [asdict(p) for p in plans],
-        "block_importance": None if scores is None else list(scores.bi),
-        "decoder_params": {"original": original["decoder"], "compressed": after["decoder"]},
-        "decoder_share_removed": 1 - after["decoder"] / original["decoder"],
-    }
-    if not math.isfinite(summary["decoder_share_removed"]):
-        raise SlicekitError("parameter count failed")
-    return CompressionResult(describe(model), summary)
+    ctx.engine(model).run(method, desc="modegpt")
+    skipped = sorted({"qk", "vo"} & config.module_set) if geo is None else []
+    return {"modules": sorted(config.module_set - set(skipped)), "skipped_modules": skipped,
+            "layers": [asdict(p) for p in plans]}

@@ -15,20 +15,13 @@ from torch import nn
 
 from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
-from slicekit.invariance import make_invariant
+from slicekit.invariance import invariant_plan, make_invariant
 from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer
-from slicekit.methods import CompressionContext, CompressionResult
+from slicekit.methods import MethodContext
 from slicekit.methods.slicegpt.config import SliceGPTConfig
-from slicekit.modeling_slicekit import ResidualBlock, UnitRMSNorm
-from slicekit.schedules import (
-    constant,
-    effective_slice_base,
-    needs_scores,
-    resolve_schedule,
-    widths_from_fractions,
-)
-from slicekit.scores import LayerScores, layer_scores
-from slicekit.shape import describe
+from slicekit.modeling_slicekit import SlicedLayer, UnitRMSNorm
+from slicekit.schedules import effective_slice_base, widths_from_fractions
+from slicekit.shape import Plan
 
 
 @dataclass
@@ -44,9 +37,8 @@ class WidthPlan:
         return self.attn_in[layer + 1] if layer + 1 < len(self.attn_in) else self.head_in
 
 
-def plan_widths(config: SliceGPTConfig, spec: ArchSpec, hidden: int, n_layers: int,
-                fractions: list[float] | None = None) -> WidthPlan:
-    fractions = fractions if fractions is not None else constant(config.sparsity, n_layers)
+def plan_widths(config: SliceGPTConfig, spec: ArchSpec, hidden: int, fractions: list[float]) -> WidthPlan:
+    """Integer widths of every interface for per-layer slice fractions."""
     widths = widths_from_fractions(hidden, fractions, config.round_to)
     head = widths[-1] if config.slice_head else hidden
     if spec.head_width_is_embedding_width:
@@ -90,7 +82,7 @@ def _set_norm(layer: nn.Module, name: str | None, width: int, norm_dim: int) -> 
         setattr(layer, name, UnitRMSNorm(width, norm_dim, old.eps))
 
 
-def _set_shortcut(block: ResidualBlock, key: str, mat: torch.Tensor | None) -> None:
+def _set_shortcut(block: SlicedLayer, key: str, mat: torch.Tensor | None) -> None:
     ref = next(block.parameters())
     setattr(block, key, None if mat is None else nn.Parameter(mat.to(ref.dtype).to(ref.device).contiguous(),
                                                               requires_grad=False))
@@ -102,11 +94,11 @@ def _project(outputs: list[torch.Tensor], v: torch.Tensor, width: int) -> list[t
     return [o @ vd.to(device=o.device, dtype=o.dtype) for o in outputs]
 
 
-def _attn_half(layer: ResidualBlock, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _attn_half(layer: SlicedLayer, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return layer.attn_half(hidden, *args, **kwargs)
 
 
-def _mlp_half(layer: ResidualBlock, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _mlp_half(layer: SlicedLayer, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return layer.mlp_half(hidden)
 
 
@@ -188,63 +180,73 @@ class RotateAndSlice:
         setattr(self.model.get_submodule(parent), name, UnitRMSNorm(self.width, self.hidden, old.eps))
 
 
-def schedule_fractions(model: nn.Module, calibration: list[torch.Tensor], config: SliceGPTConfig,
-                       ctx: CompressionContext) -> tuple[list[float], LayerScores | None]:
-    """Per-layer slice fractions of ``config.schedule``, rounded to exact widths of
-    ``config.round_to``; scores the layers first when the schedule needs it.
+def plan(model: nn.Module, config: SliceGPTConfig, fractions: list[float]) -> Plan:
+    """The shape after invariance, rotation and slicing at ``fractions`` — no weight touched.
 
-    The scores are taken on the model as given, *before* :func:`make_invariant`: for RMSNorm
-    families the invariance transforms leave the residual stream unchanged (so it makes no
-    difference), for LayerNorm families they centre it, and the papers define the scores on the
-    original model.
+    Invariance unties the head, replaces every norm by a weightless one and folds LayerNorm
+    biases into the readers (:func:`slicekit.invariance.invariant_plan`); slicing then narrows
+    every reader and writer of the stream and adds the shortcut matrices (square where the
+    widths agree, rectangular where a schedule changes the width).
     """
     spec = get_arch(model.config)
-    n_layers = len(spec.layer_list(model))
-    scores = None
-    if needs_scores(config.schedule):
-        scores = layer_scores(model, calibration, device=ctx.device, progress=ctx.progress)
-    fractions = resolve_schedule(config.schedule, config.sparsity, n_layers, scores=scores,
-                                 slice_base=config.slice_base, epsilon=config.epsilon,
-                                 cap=config.max_layer_sparsity, full_width=model.config.hidden_size,
-                                 multiple=config.round_to)
-    return fractions, scores
-
-
-@torch.no_grad()
-def compress(model: nn.Module, calibration: list[torch.Tensor], config: SliceGPTConfig,
-             ctx: CompressionContext | None = None, fractions: list[float] | None = None) -> CompressionResult:
-    """Make ``model`` invariant, then rotate and slice it in place.
-
-    ``calibration``: token-id batches.  ``fractions``: per-layer slice fractions that override
-    ``config.schedule`` (default: the schedule's, see :func:`schedule_fractions`).
-    """
-    ctx = ctx or CompressionContext()
-    spec = get_arch(model.config)
-    scores = None
-    if fractions is None:
-        fractions, scores = schedule_fractions(model, calibration, config, ctx)
-    make_invariant(model, spec)
-    n_layers = len(spec.layer_list(model))
-    plan = plan_widths(config, spec, model.config.hidden_size, n_layers, fractions)
-    engine = CalibrationEngine(model, spec, calibration, device=ctx.device, progress=ctx.progress)
-    method = RotateAndSlice(model, spec, plan, config.damping)
-    engine.run(method, desc="slicegpt")
+    b = spec.block
     hidden = model.config.hidden_size
+    widths = plan_widths(config, spec, hidden, fractions)
+    p = invariant_plan(model, spec)
+    n = len(widths.attn_in)
+    for path in [spec.token_embedding] + ([spec.position_embedding] if spec.position_embedding else []):
+        p.resize_embedding(path, widths.attn_in[0])
+    for i in range(n):
+        d_in, d_mid, d_out = widths.attn_in[i], widths.mlp_in[i], widths.out_width(i)
+        def at(name: str, i: int = i) -> str:
+            return spec.layer_path(i, name)
+
+        readers = b.attn_readers + (b.mlp_up if b.parallel else ())
+        for name in readers:
+            p.resize_linear(at(name), in_features=d_in)
+        p.modules[at(b.attn_norm)]["dim"] = d_in
+        if b.parallel:
+            if b.mlp_norm is not None:
+                p.modules[at(b.mlp_norm)]["dim"] = d_in
+            for name in (b.attn_writer, b.mlp_down):
+                p.resize_linear(at(name), out_features=d_out)
+            p.blocks[spec.layer_path(i)].update(attn_shortcut=[d_in, d_out], mlp_shortcut=None)
+        else:
+            p.resize_linear(at(b.attn_writer), out_features=d_mid)
+            for name in b.mlp_up:
+                p.resize_linear(at(name), in_features=d_mid)
+            p.modules[at(b.mlp_norm)]["dim"] = d_mid
+            p.resize_linear(at(b.mlp_down), out_features=d_out)
+            p.blocks[spec.layer_path(i)].update(attn_shortcut=[d_in, d_mid], mlp_shortcut=[d_mid, d_out])
+    p.modules[spec.final_norm]["dim"] = widths.head_in
+    p.resize_linear(spec.head, in_features=widths.head_in)
+    return p
+
+
+def apply(model: nn.Module, plan_: Plan, config: SliceGPTConfig, ctx: MethodContext) -> dict:
+    """Make ``model`` invariant, then rotate and slice it in place, layer by layer."""
+    spec = get_arch(model.config)
+    hidden = model.config.hidden_size
+    widths = plan_widths(config, spec, hidden, ctx.fractions)
+    make_invariant(model, spec)
+    method = RotateAndSlice(model, spec, widths, config.damping)
+    ctx.engine(model).run(method, desc="slicegpt")
+    n = len(widths.attn_in)
     summary = {
-        "method": "slicegpt",
         "hidden_size": hidden,
         "schedule": config.schedule,
-        "attn_in_widths": plan.attn_in,
-        "mlp_in_widths": plan.mlp_in,
-        "head_in_width": plan.head_in,
-        "mean_width": sum(plan.attn_in) / n_layers,
-        "mean_sparsity": 1.0 - sum(plan.attn_in) / (n_layers * hidden),
-        "layer_fractions": [1.0 - w / hidden for w in plan.attn_in],
+        "attn_in_widths": widths.attn_in,
+        "mlp_in_widths": widths.mlp_in,
+        "head_in_width": widths.head_in,
+        "mean_width": sum(widths.attn_in) / n,
+        "mean_slicing": 1.0 - sum(widths.attn_in) / (n * hidden),
     }
     if config.schedule == "dynamic":
-        summary["slice_base"] = effective_slice_base(config.sparsity, config.slice_base)
-    if config.schedule == "modegpt":
-        summary["epsilon"] = config.epsilon
-    if scores is not None:
-        summary["layer_scores"] = scores.as_dict()
-    return CompressionResult(describe(model), summary)
+        summary["slice_base"] = effective_slice_base(sum(ctx.fractions) / n, config.slice_base)
+    return summary
+
+
+def schedule_kwargs(model: nn.Module, config: SliceGPTConfig) -> dict:
+    """Scored schedules are rounded to realisable widths with the constant schedule's total."""
+    return {"full_width": model.config.hidden_size, "multiple": config.round_to}
+

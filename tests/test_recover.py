@@ -1,0 +1,417 @@
+"""Recovery training on tiny models: LoRA/full, distillation, shapes kept, exact resumption."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from slicekit.arch import get_arch
+from slicekit.errors import SlicekitError
+from slicekit.recover import (
+    RecoverConfig,
+    TokenStream,
+    _kl_full,
+    _kl_topk,
+    _lr_at,
+    recover,
+)
+from tiny import VOCAB, logits, tiny_calibration, tiny_config, tiny_inputs, tiny_model
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are slower with several threads on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def _cfg(text: str, **kw) -> RecoverConfig:
+    base = dict(dataset=text, seqlen=32, tokens=32 * 4 * 12, batch_size=4, lr=3e-3, warmup=0.1, seed=3)
+    return RecoverConfig(**{**base, **kw})
+
+
+def _shapes(model) -> dict:
+    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
+
+
+def _perturbed(model, scale: float = 0.03, seed: int = 5):
+    student = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return student
+
+
+def _mlp_pruned(model, keep: int = 64):
+    """Every layer keeps the first ``keep`` MLP neurons: a plain Hugging Face model with a smaller
+    ``intermediate_size`` (what an MLP-only structured pruning produces)."""
+    from slicekit.arch import linear_weight, set_linear
+
+    spec = get_arch(model.config)
+    for layer in spec.layer_list(model):
+        for name in spec.block.mlp_up:
+            up = layer.get_submodule(name)
+            set_linear(up, linear_weight(up)[:keep].clone())
+        down = layer.get_submodule(spec.block.mlp_down)
+        set_linear(down, linear_weight(down)[:, :keep].clone())
+    model.config.intermediate_size = keep
+    return model
+
+
+def _slicegpt(model):
+    from slicekit.methods.slicegpt import SliceGPTConfig
+    from slicekit.pipeline import compress
+
+    compress(model, None, "slicegpt", SliceGPTConfig(target_params=0.25), batches=tiny_calibration(), progress=False)
+    return model
+
+
+# ---------------------------------------------------------------- settings and data
+
+@pytest.mark.parametrize("bad", [
+    dict(seqlen=1), dict(tokens=0), dict(batch_size=0), dict(grad_accum=0), dict(lr=-1.0), dict(lr=float("nan")),
+    dict(warmup=1.0), dict(weight_decay=-0.1), dict(mode="qlora"), dict(lora_r=0), dict(lora_alpha=0),
+    dict(lora_dropout=1.0), dict(loss="mse"), dict(kd_temperature=0), dict(kd_alpha=1.5), dict(kd_topk=0),
+    dict(hidden_distill=-1), dict(teacher_cache="ram"), dict(hidden_distill=1.0, teacher_cache="disk"),
+    dict(seed=-1), dict(checkpoint_every=-1), dict(dataset=""), dict(max_grad_norm=0.0),
+])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(SlicekitError):
+        RecoverConfig(**bad)
+
+
+def test_default_lr_depends_on_mode():
+    assert RecoverConfig().lr == 2e-4
+    assert RecoverConfig(mode="full").lr == 2e-5
+    assert RecoverConfig(tokens=1000, seqlen=100, batch_size=2, grad_accum=2).total_steps == 3
+
+
+def test_bad_runs_are_refused(tok, text, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(SlicekitError, match="teacher"):
+        recover(model, tok, _cfg(text, loss="distill"), progress=False)
+    with pytest.raises(SlicekitError, match="evaluation split"):
+        recover(model, tok, _cfg("wikitext2", split="test"), progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(SlicekitError, match="too little"):
+        recover(model, tok, _cfg(str(short)), progress=False)
+    with pytest.raises(SlicekitError, match="not found"):
+        recover(model, tok, _cfg(str(tmp_path / "missing.txt")), progress=False)
+    from transformers import AutoModelForCausalLM
+
+    wide = tiny_config("llama")
+    wide.vocab_size = VOCAB + 8
+    other = AutoModelForCausalLM.from_config(wide)
+    with pytest.raises(SlicekitError, match="vocabulary"):
+        recover(model, tok, _cfg(text), other, progress=False)
+    sliced = _slicegpt(tiny_model("llama"))
+    with pytest.raises(SlicekitError, match="rotated"):
+        recover(sliced, tok, _cfg(text, hidden_distill=1.0), tiny_model("llama"), progress=False)
+    # nothing was touched by the refused runs
+    ref = tiny_model("llama")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))
+
+
+def test_the_wikitext_test_file_is_refused_by_path(tok, data_dir):
+    path = os.path.join(data_dir, "wikitext-2", "wiki.test.raw")
+    if not os.path.isfile(path):
+        pytest.skip("no local WikiText-2 test file")
+    with pytest.raises(SlicekitError, match="evaluation split"):
+        recover(tiny_model("llama"), tok, _cfg(path), progress=False)
+
+
+def test_named_data_is_described_without_machine_paths(tok, tmp_path, monkeypatch):
+    from slicekit.recover import recovery_stream
+
+    (tmp_path / "brown").mkdir()
+    (tmp_path / "brown" / "brown.txt").write_text(TEXT)
+    monkeypatch.setenv("SLICEKIT_DATA_DIR", str(tmp_path))
+    stream = recovery_stream(tok, RecoverConfig(dataset="brown", seqlen=64))
+    assert stream.description.startswith("brown/train") and str(tmp_path) not in stream.description
+    assert "$SLICEKIT_DATA_DIR" in stream.description
+
+
+def test_token_stream_is_seeded_and_covers_each_epoch():
+    ids = torch.arange(1000)
+    a, b = TokenStream(ids, 50, 7, "x"), TokenStream(ids, 50, 7, "x")
+    n = a.windows_per_epoch
+    assert n == 19
+    first = a.batch(0, n)
+    assert torch.equal(first, b.batch(0, n))
+    starts = sorted(int(w[0]) for w in first)  # one epoch: distinct, non-overlapping windows
+    assert all(y - x == 50 for x, y in itertools.pairwise(starts))
+    assert torch.equal(a.window(n + 3), b.window(n + 3))  # random access = sequential access
+    assert not torch.equal(TokenStream(ids, 50, 8, "x").batch(0, n), first)
+
+
+def test_lr_schedule():
+    lrs = [_lr_at(s, 10, 2, 1.0) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(x > y for x, y in itertools.pairwise(lrs[2:])) and lrs[-1] > 0
+
+
+def test_topk_kl_equals_full_kl_when_k_is_the_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, VOCAB, generator=g), torch.randn(2, 5, VOCAB, generator=g)
+    temp = 2.0
+    logp = torch.log_softmax(t / temp, -1)
+    values, index = logp.topk(VOCAB, -1)
+    assert torch.allclose(_kl_topk(s, index, values, temp), _kl_full(s, t, temp), atol=1e-5)
+    v8, i8 = logp.topk(8, -1)
+    assert 0 < _kl_topk(s, i8, v8, temp) <= _kl_full(s, t, temp) + 1e-6  # the coarsening is a lower bound
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_lowers_the_loss_and_keeps_names_and_shapes(arch, tok, text):
+    model = tiny_model(arch)
+    before = _shapes(model)
+    ref = copy.deepcopy(model)
+    x = tiny_inputs()
+    report = recover(model, tok, _cfg(text, tokens=32 * 4 * 25), progress=False)
+    assert _shapes(model) == before  # merged back: same names, shapes, dtypes
+    assert not any("lora" in n for n in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    curve = [c["loss"] for c in report.loss_curve]
+    assert len(curve) == report.steps == 25 and report.tokens == 25 * 4 * 32
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.3
+    assert report.loss == "ce" and report.trainable_params > 0 and report.tokens_per_s > 0
+    assert not torch.allclose(logits(model, x), logits(ref, x))  # the merge changed the weights
+    # the merged model computes what it was trained to: its loss on training text is the low one
+    ids = tok(TEXT[:400], return_tensors="pt").input_ids[:, :32]
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss < ref(input_ids=ids, labels=ids).loss - 0.3
+
+
+def test_distillation_from_the_dense_copy_drives_kl_to_zero(tok, text):
+    teacher = tiny_model("llama")
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = _perturbed(teacher)
+    report = recover(student, tok, _cfg(text, tokens=32 * 4 * 30), teacher, progress=False)
+    assert report.loss == "distill"
+    kl = [c["kl"] for c in report.loss_curve]
+    assert kl[0] > 0.01 and sum(kl[-3:]) / 3 < 0.3 * kl[0]
+    assert "ce" not in report.loss_curve[0]  # kd_alpha = 1: pure KL
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
+    # the teacher's own copy has nothing to learn: its KL is zero from the start
+    twin = recover(copy.deepcopy(teacher), tok, _cfg(text, tokens=32 * 4 * 2), teacher, progress=False)
+    assert twin.loss_curve[0]["kl"] < 1e-6
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_top_k_teacher_logits(cache, tok, text, tmp_path):
+    teacher = tiny_model("llama")
+    cfg = _cfg(text, tokens=32 * 4 * 20, teacher_cache=cache, kd_topk=16)
+    loads = []
+
+    def load_teacher():
+        loads.append(1)
+        return teacher
+
+    report = recover(_perturbed(teacher), tok, cfg, load_teacher, progress=False, cache_dir=str(tmp_path / "cache"))
+    kl = [c["kl"] for c in report.loss_curve]
+    assert sum(kl[-3:]) / 3 < 0.5 * kl[0]
+    assert loads == [1]
+    if cache == "disk":
+        files = sorted(os.listdir(tmp_path / "cache"))
+        assert files == ["manifest.json"] + [f"step-{s:08d}.safetensors" for s in range(20)]
+        # a second run with the same teacher and data reuses the files without loading the teacher
+        again = recover(_perturbed(teacher), tok, cfg, load_teacher, progress=False, cache_dir=str(tmp_path / "cache"))
+        assert loads == [1] and again.loss_curve == report.loss_curve
+
+
+def test_hidden_state_distillation_on_a_pruned_model(tok, text):
+    teacher = tiny_model("llama")
+    student = _mlp_pruned(copy.deepcopy(teacher))
+    report = recover(student, tok, _cfg(text, tokens=32 * 4 * 15, hidden_distill=10.0, lr=1e-3), teacher,
+                     progress=False)
+    hidden = [c["hidden"] for c in report.loss_curve]
+    assert hidden[0] > 0 and hidden[-1] < 0.8 * hidden[0]
+
+
+def test_full_fine_tuning_freezes_embeddings(tok, text):
+    model = tiny_model("mistral")  # untied head: trained; embeddings: frozen
+    emb = model.model.embed_tokens.weight.detach().clone()
+    head = model.lm_head.weight.detach().clone()
+    report = recover(model, tok, _cfg(text, mode="full", lr=1e-3, tokens=32 * 4 * 15), progress=False)
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert not torch.equal(model.lm_head.weight, head)
+    assert report.trainable_params == sum(p.numel() for p in model.parameters()) - emb.numel()
+    curve = [c["loss"] for c in report.loss_curve]
+    assert curve[-1] < curve[0] - 0.3
+
+
+def test_slicegpt_shortcuts_are_trained_and_kept(tok, text, tmp_path):
+    teacher = tiny_model("llama")
+    student = _slicegpt(copy.deepcopy(teacher))
+    shortcuts = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("_shortcut")}
+    assert shortcuts  # the fixture really has shortcut matrices
+    before = _shapes(student)
+    report = recover(student, tok, _cfg(text, tokens=32 * 4 * 10), teacher, progress=False)
+    assert _shapes(student) == before
+    after = dict(student.named_parameters())
+    assert all(not torch.equal(after[n], v) for n, v in shortcuts.items())
+    assert report.trainable_params > sum(v.numel() for v in shortcuts.values())
+    _assert_roundtrip(student, tok, tmp_path)
+
+
+def _assert_roundtrip(model, tok, tmp_path):
+    """Saved and loaded back with plain transformers, the recovered model computes the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(str(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True)
+    x = tiny_inputs()
+    assert torch.allclose(logits(loaded, x), logits(model, x), atol=1e-5)
+
+
+def test_recovered_pruned_model_saves_and_loads(tok, text, tmp_path):
+    student = _mlp_pruned(tiny_model("llama"))
+    report = recover(student, tok, _cfg(text, tokens=32 * 4 * 5), progress=False)
+    assert report.steps == 5
+    _assert_roundtrip(student, tok, tmp_path)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+@pytest.mark.parametrize("kind", ["dense", "mlp_pruned", "slicegpt"])
+def test_gradient_checkpointing_gives_the_same_training(kind, tok, text):
+    def make():
+        m = tiny_model("llama")
+        if kind == "mlp_pruned":
+            _mlp_pruned(m)
+        elif kind == "slicegpt":
+            _slicegpt(m)
+        return m
+
+    runs = []
+    for gc in (False, True):
+        model = make()
+        mlp = get_arch(model.config).layer_list(model)[0].mlp
+        calls = []
+        # a pre-hook: the recomputation stops early, right after the last tensor the backward needs
+        handle = mlp.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        report = recover(model, tok, _cfg(text, tokens=32 * 4 * 3, gradient_checkpointing=gc, lora_dropout=0.1),
+                         progress=False)
+        handle.remove()
+        runs.append((model, report, len(calls)))
+    (m0, r0, c0), (m1, r1, c1) = runs
+    assert c0 == 3 and c1 == 6  # the checkpointed layer ran again in every backward pass
+    assert r0.gradient_checkpointing == "off" and r1.gradient_checkpointing.startswith(("transformers", "wrapped"))
+    for a, b in zip(r0.loss_curve, r1.loss_curve, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (n, a), b in zip(m0.state_dict().items(), m1.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert not any(layer.__dict__.get("forward") for layer in get_arch(m1.config).layer_list(m1))
+    assert not m1.get_input_embeddings()._forward_hooks  # no hook left behind
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in get_arch(m1.config).layer_list(m1))
+
+
+# ---------------------------------------------------------------- interruption and resumption
+
+def _resume_cfg(text, **kw):
+    base = dict(tokens=32 * 2 * 2 * 7, batch_size=2, grad_accum=2, lora_dropout=0.1, checkpoint_every=2,
+                weight_decay=0.01, kd_alpha=0.7)
+    return _cfg(text, **{**base, **kw})
+
+
+@pytest.mark.parametrize("how", ["callback", "exception"])
+def test_interrupted_and_resumed_equals_uninterrupted(how, tok, text, tmp_path):
+    teacher = tiny_model("llama")
+    straight = _mlp_pruned(copy.deepcopy(teacher))
+    start = copy.deepcopy(straight)
+    ref = recover(straight, tok, _resume_cfg(text), teacher, progress=False,
+                  resume_dir=str(tmp_path / "a"))
+    assert ref.steps == 7 and ref.resumed_from is None
+    assert os.listdir(tmp_path / "a") == ["step-00000007"]  # older checkpoints were removed
+
+    first = copy.deepcopy(start)
+    if how == "callback":
+        part = recover(first, tok, _resume_cfg(text), teacher, progress=False,
+                       resume_dir=str(tmp_path / "b"), callback=lambda info: info.step == 3)
+        assert part.interrupted and part.steps == 3
+        resumed_at = 3
+    else:
+        def boom(info):
+            if info.step == 5:
+                raise RuntimeError("power cut")
+
+        with pytest.raises(RuntimeError, match="power cut"):
+            recover(first, tok, _resume_cfg(text), teacher, progress=False,
+                    resume_dir=str(tmp_path / "b"), callback=boom)
+        resumed_at = 4  # the last periodic checkpoint
+    assert os.listdir(tmp_path / "b") == [f"step-{resumed_at:08d}"]
+    state = json.loads((tmp_path / "b" / f"step-{resumed_at:08d}" / "state.json").read_text())
+    assert state["samples"] == resumed_at * 4 and state["scheduler"]["step"] == resumed_at
+
+    second = copy.deepcopy(start)  # a fresh process would reload the compressed model
+    rest = recover(second, tok, _resume_cfg(text, checkpoint_every=3), teacher, progress=False,
+                   resume_dir=str(tmp_path / "b"))
+    assert rest.resumed_from == resumed_at and rest.steps == 7 and not rest.interrupted
+    assert rest.loss_curve == ref.loss_curve
+    for (n, a), b in zip(straight.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # rerunning a finished run changes nothing
+    third = copy.deepcopy(start)
+    recover(third, tok, _resume_cfg(text), teacher, progress=False, resume_dir=str(tmp_path / "b"))
+    assert all(torch.equal(a, b) for a, b in zip(third.state_dict().values(), second.state_dict().values(), strict=True))
+
+
+def test_resume_with_other_settings_is_refused(tok, text, tmp_path):
+    model = tiny_model("llama")
+    recover(copy.deepcopy(model), tok, _cfg(text, tokens=32 * 4 * 2), progress=False, resume_dir=str(tmp_path))
+    with pytest.raises(SlicekitError, match="lr"):
+        recover(copy.deepcopy(model), tok, _cfg(text, tokens=32 * 4 * 2, lr=1e-3), progress=False,
+                resume_dir=str(tmp_path))
+    with pytest.raises(SlicekitError, match="student"):
+        recover(_perturbed(model), tok, _cfg(text, tokens=32 * 4 * 2), progress=False, resume_dir=str(tmp_path))
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tok, text, tmp_path):
+    import signal
+
+    def press_ctrl_c(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    model = tiny_model("llama")
+    report = recover(model, tok, _cfg(text, tokens=32 * 4 * 6, checkpoint_every=0), progress=False,
+                     resume_dir=str(tmp_path / "run"), callback=press_ctrl_c)
+    assert report.interrupted and report.steps == 3  # the step after the signal finished, then it stopped
+    assert os.listdir(tmp_path / "run") == ["step-00000003"]
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    assert _shapes(model) == _shapes(tiny_model("llama"))
