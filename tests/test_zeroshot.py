@@ -386,7 +386,7 @@ def test_agrees_with_plain_lm_eval_on_smollm2(smollm2, data_dir, tmp_path):
     from lm_eval.tasks import TaskManager
 
     model, tok = smollm2
-    n = 3
+    n = 2
     ours = evaluate_tasks(model, tok, ["arc_easy", "piqa"], limit=n, progress=False, keep_samples=True)
 
     files = _hub_schema_files(data_dir, tmp_path, n)

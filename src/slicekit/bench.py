@@ -137,3 +137,33 @@ def linear_flops_per_token(model: nn.Module) -> int:
                 if p is not None:
                     total += p.numel()
     return 2 * total
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module) -> int:
+    """Bytes the KV cache holds per token of context, measured: one token through the model with
+    transformers' own cache, then the size of every tensor the cache keeps.  Methods that remove
+    KV heads (FASP) or narrow heads (MoDeGPT, whose heads are stored padded to one size) show
+    here as they really are in memory, not as an idealised count."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    was = model.training
+    model.eval()
+    import inspect
+
+    # transformers renamed the argument (``past_key_values`` → ``cache``) within 5.x
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    try:
+        model(input_ids=ids, use_cache=True, **{key: cache})
+    finally:
+        model.train(was)
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -118,6 +118,11 @@ def model_card(info: dict[str, Any]) -> str:
         lines += ["", "## Perplexity", "", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
         for row in ppl:
             lines.append(f"| {row['model']} | {row['dataset']} | {row['seqlen']} | {row['windows']} | {row['ppl']:.3f} |")
+    recipe = info.get("recipe")
+    if recipe:
+        lines += ["", "## Reproduce", "", "The settings of this run are in `recipe.json`:", "", "```bash",
+                  f"slicekit compress --model {_public_name(info.get('base_model', 'MODEL'))} --recipe recipe.json --out OUT",
+                  "```", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```"]
     widths = info.get("widths")
     if widths:
         lines += ["", "## Per-layer widths", "", "```", json.dumps(widths), "```"]

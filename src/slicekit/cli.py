@@ -45,7 +45,7 @@ def _add_method_options(p: argparse.ArgumentParser, method: str) -> None:
         flag = "--" + f.name.replace("_", "-")
         base, optional, choices = field_type(entry.config_cls, f)
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = _field_help(entry.config_cls, f.name) + f" (default: {default})"
+        text = (_field_help(entry.config_cls, f.name) + f" (default: {default})").replace("%", "%%")
         if base is bool:
             group.add_argument(flag, dest=f"m_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -58,6 +58,10 @@ def _field_help(cls: type, name: str) -> str:
     r"""The sentence of the config's docstring that introduces ``name`` (``\`\`name\`\`: …``)."""
     import re
 
+    for klass in cls.__mro__:
+        text = vars(klass).get("HELP", {}).get(name)
+        if text:
+            return text
     doc = " ".join((cls.__doc__ or "").split())
     for src in (doc, " ".join((cls.__mro__[1].__doc__ or "").split())):
         m = re.search(rf"``{name}``[^.]*?(?::|is|—)\s*(.+?\.)(?:\s|$)", src)
@@ -143,6 +147,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                      "norm": spec.norm_kind, "params": count_parameters(model)})
     else:
         info["params"] = generic_counts(model)
+    with contextlib.suppress(Exception):  # a family whose cache transformers cannot build for one token
+        from slicekit.bench import kv_cache_bytes_per_token
+
+        info["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     methods = []
     for name in available_methods():
         entry = get_method(name)
@@ -186,6 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slicekit.evaluate import perplexity
     from slicekit.models import load_model
 
+    if args.tasks:
+        return _eval_tasks(args)
     source = load_text(args.dataset, args.split, purpose="eval")
     model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
     res = perplexity(model, tok, source, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
@@ -193,6 +203,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _out(d, args.json, f"perplexity {res.ppl:.4f} on {res.dataset}: {res.windows} windows × {res.seqlen} tokens "
                        f"({res.tokens} tokens scored)")
     return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """Zero-shot accuracy through lm-eval (local task files first, the hub otherwise)."""
+    from slicekit.models import load_model
+    from slicekit.zeroshot import ZeroShotResult, evaluate_tasks, resolve_task_name
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        resolve_task_name(t)  # an unknown task fails before the model is loaded
+    if args.limit is not None and args.limit < 1:
+        raise SlicekitError(f"--limit must be ≥ 1 (got {args.limit})")
+    dense = None
+    if args.dense_json:
+        try:
+            with open(args.dense_json) as fh:
+                dense = ZeroShotResult.from_dict(json.load(fh))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SlicekitError(f"cannot read --dense-json {args.dense_json}: {err}") from err
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
+    res = evaluate_tasks(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
+                         num_fewshot=args.num_fewshot, device=args.device, progress=not args.quiet)
+    out = res.as_dict()
+    if dense is not None:
+        out["retention"] = res.retention(dense)
+        out["above_chance_retention"] = res.above_chance_retention(dense)
+    if args.save_json:
+        _write_json_atomic(args.save_json, out)
+    _out(out, args.json, res.format_table(dense=dense))
+    return 0
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -300,6 +357,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from slicekit.export import export_gguf
+
+    if not os.path.isdir(args.dir):
+        raise SlicekitError(f"no such model directory: {args.dir}")
+    report = export_gguf(args.dir, args.gguf, args.dtype, name=args.name, tokenizer_pre=args.tokenizer_pre)
+    _out({"path": args.gguf, "architecture": report.architecture, "dtype": report.dtype,
+          "tensors": report.tensors, "parameters": report.parameters, "bytes": report.file_bytes,
+          "notes": report.notes}, args.json, report.summary())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slicekit.demo import run_demo
 
@@ -344,6 +413,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks through lm-eval instead of perplexity, comma-separated: piqa, arc_easy, "
+                        "arc_challenge, winogrande, hellaswag, lambada, boolq")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: items per task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="--tasks: shots (default 0, as the papers)")
+    p.add_argument("--dense-json", default=None, help="--tasks: the dense model's result (--save-json) for retention")
+    p.add_argument("--save-json", default=None, help="--tasks: write the result here (atomically)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="compress a model and save it as a Hugging Face directory",
@@ -377,6 +453,15 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a vanilla-shaped (plain-config) output as a GGUF file")
+    p.add_argument("dir", help="a model directory with a plain config (e.g. a uniform-width FASP/DOTResize output)")
+    p.add_argument("--gguf", required=True, help="the .gguf file to write (atomically)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    p.add_argument("--name", default=None, help="general.name written into the file")
+    p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: recognised)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
     p.add_argument("--model", default="smollm2-135m")

@@ -55,6 +55,14 @@ class MethodConfig:
     """
 
     VERSION: ClassVar[int] = 2
+    #: one-line help per field for the command line (subclasses add theirs; the docstring is the fallback)
+    HELP: ClassVar[dict[str, str]] = {
+        "target_params": "fraction of decoder parameters REMOVED, real count (0.25 keeps 75 %)",
+        "schedule": "spread over layers: constant, dynamic, modegpt, or a JSON file of widths/fractions",
+        "slice_base": "dynamic schedule: the fraction every layer loses at least",
+        "epsilon": "modegpt schedule: softmax temperature of the block-importance allocation",
+        "max_layer_sparsity": "cap on the fraction removed from any one layer",
+    }
 
     target_params: float | None = None
     schedule: str = "constant"
