@@ -37,6 +37,7 @@ METHOD_CONFIGS = {
     "modegpt": (dict(target_params=0.0), dict(target_params=0.3)),
     "fasp": (dict(target_params=0.0), dict(target_params=0.3, round_to=4)),
     "dotresize": (dict(target_params=0.0), dict(target_params=0.3, round_to=4)),
+    "prunenet": (dict(target_params=0.0), dict(target_params=0.3, round_to=4, episodes=2)),
 }
 METHODS = list(METHOD_CONFIGS)
 PAIRS = [(m, a) for m in METHODS for a in ARCHS]

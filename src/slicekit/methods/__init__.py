@@ -145,6 +145,7 @@ _BUILTIN: dict[str, str] = {
     "modegpt": "slicekit.methods.modegpt",
     "fasp": "slicekit.methods.fasp",
     "dotresize": "slicekit.methods.dotresize",
+    "prunenet": "slicekit.methods.prunenet",
 }
 _BROKEN: dict[str, str] = {}
 
