@@ -266,8 +266,14 @@ def test_training_handles_per_layer_keep_and_row_counts_and_continues_a_policy()
     same, _ = train_policy(mats, 10, episodes=2, seed=1, policy=policy)
     assert same is policy
     assert not all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    with pytest.raises(SlicekitError, match=r"\[1, 20\]"):
+    with pytest.raises(SlicekitError, match=r"\[1, 20\], got 21"):  # the 20-row layer
         train_policy(mats, 21, episodes=1)
+    for bad in (0, 2.5, "ten", True):
+        with pytest.raises(SlicekitError, match="number of rows to keep must be an integer"):
+            train_policy(mats, bad, episodes=1)
+    with torch.no_grad():  # as the compression pipeline calls it
+        _, log = train_policy(mats, np.int64(10), episodes=2)
+    assert log.keep == [10, 10, 10] and len(log.grad_norms) == 3
     with pytest.raises(SlicekitError, match="3 weight matrices"):
         train_policy(mats, [5, 5], episodes=1)
     with pytest.raises(SlicekitError, match="same number of columns"):

@@ -357,6 +357,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One option per field of a settings dataclass (as for methods), dest ``m_<field>``."""
+    from slicekit.methods import config_fields, field_type
+
+    group = p.add_argument_group(title)
+    for f in config_fields(cls):
+        base, _, choices = field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        text = f"(default: {default})" + (f"; one of {', '.join(map(str, choices))}" if choices else "")
+        if base is bool:
+            group.add_argument(flag, dest=f"m_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=f"m_{f.name}", default=None, metavar=base.__name__.upper(), help=text)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Recovery training of a compressed model (LoRA merged back, or full), distilled from the
+    dense original when ``--teacher`` is given; perplexity before and after on the same windows."""
+    from slicekit.checkpoint import save
+    from slicekit.data import load_text
+    from slicekit.evaluate import eval_windows, perplexity_result
+    from slicekit.methods import coerce_field, config_fields
+    from slicekit.models import load_model
+    from slicekit.recover import RecoverConfig, recover
+
+    values = {f.name: getattr(args, f"m_{f.name}") for f in config_fields(RecoverConfig)
+              if getattr(args, f"m_{f.name}", None) is not None}
+    config = RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SlicekitError(f"--out {args.out} exists and is not a directory")
+    eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
+    model, tok = load_model(args.model, args.dtype, args.device)
+    teacher = None
+    if args.teacher:
+        def teacher() -> Any:
+            return load_model(args.teacher, args.dtype, args.device)[0]
+    rows = []
+    windows = None
+    if eval_source is not None:
+        windows = eval_windows(tok, eval_source, args.eval_seqlen, args.eval_max_windows)
+        rows.append({"model": "before recovery", **perplexity_result(model, windows, eval_source.description, 1,
+                                                                     not args.quiet).as_dict()})
+    report = recover(model, tok, config, teacher=teacher, progress=not args.quiet, resume_dir=args.resume_dir)
+    if windows is not None:
+        rows.append({"model": "after recovery", **perplexity_result(model, windows, eval_source.description, 1,
+                                                                    not args.quiet).as_dict()})
+    out = {"recovery": report.as_dict(), "perplexity": rows}
+    if report.interrupted:
+        raise SlicekitError("recovery was interrupted; its progress is checkpointed: rerun the same command"
+                            + (f" with --resume-dir {args.resume_dir}" if args.resume_dir else " with --resume-dir DIR"))
+    if args.out:
+        meta = dict(getattr(model, "slicekit", None) or {})
+        info = {**meta.get("info", {}), "title": os.path.basename(os.path.abspath(args.out)),
+                "recovery": {**report.summary(), "perplexity": rows}}
+        out["format"] = save(model, tok, args.out, info=info)
+    lines = [f"recovery: {json.dumps(report.summary(), default=str)}"]
+    lines += [f"perplexity {r['model']:>16}: {r['ppl']:.4f} ({r['windows']} × {r['seqlen']} tokens of {r['dataset']})"
+              for r in rows]
+    if args.out:
+        lines.append(f"saved ({out['format']} format) to {args.out}")
+    _out(out, args.json, "\n".join(lines))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from slicekit.export import export_gguf
 
@@ -453,6 +518,20 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("recover", help="recovery training of a compressed model (LoRA or full, distillation)")
+    _common_model_args(p)
+    p.add_argument("--teacher", default=None, help="the dense original, for distillation (default: next-token loss)")
+    p.add_argument("--out", default=None, help="output directory (written atomically)")
+    p.add_argument("--resume-dir", default=None, help="checkpoints of this run; rerunning resumes from the last one")
+    p.add_argument("--eval", action="store_true", help="perplexity before and after on the same windows")
+    p.add_argument("--eval-dataset", default="wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-max-windows", type=int, default=8)
+    from slicekit.recover import RecoverConfig
+
+    _add_dataclass_options(p, RecoverConfig, "recovery settings")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("export", help="write a vanilla-shaped (plain-config) output as a GGUF file")
     p.add_argument("dir", help="a model directory with a plain config (e.g. a uniform-width FASP/DOTResize output)")

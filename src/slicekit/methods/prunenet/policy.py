@@ -22,8 +22,11 @@ Where this differs from the reference (``LCS2-IIITD/PruneNet``) and why:
   small MLP over standardised row statistics (log row norm, log leverage):
   ``logit_i = v·x_i/√D + MLP(stats_i)``, ``x`` the rows over the matrix RMS.  It is tied to ``D``
   only, so one policy runs on any number of rows and is reusable on models of the same width; the
-  statistics give it the handles a linear row score lacks ("drop weak / redundant rows"), and on our
-  model learning through the raw rows alone is drowned by REINFORCE noise (see ``PolicyNetwork``).
+  statistics give it the handles a linear row score lacks ("drop weak / redundant rows").  Measured
+  on SmolLM2-135M (``up_proj``, 25 %, 20 episodes): a first version, one tanh MLP over
+  ``[x_i, norm_i]``, stayed at random-row quality (mean 1/KS 7.0 → 7.2); this one reaches 8.8
+  (random 7.1, magnitude 8.4).  ``v`` itself made no measurable difference there; it is kept as the
+  reference's dependence on the raw row (and is what ties a policy to ``D``).
 * **Sampling.**  The reference draws relaxed-Bernoulli keep probabilities and then samples the kept
   rows with ``torch.multinomial`` (also at compression time, so its compressed model is random).  We
   keep the top ``k`` relaxed-Bernoulli scores during training (a logistic-noise analogue of Gumbel
@@ -42,7 +45,8 @@ Where this differs from the reference (``LCS2-IIITD/PruneNet``) and why:
   calls ``clip_grad_norm_`` after the step and after ``zero_grad``, which clips nothing.
 * **Reward guard.**  The reference returns 99999 when KS = 0, which would swamp every other reward in
   the REINFORCE sum.  We floor KS at half its resolution (``0.5 / max(n1, n2)``), so the largest reward
-  is of the order of the best non-zero one.
+  is of the order of the best non-zero one.  Singular values equal to 1e-9 of the largest are snapped
+  together first: otherwise two spectra equal up to SVD rounding interleave and score KS = 1/n.
 * **Precision and determinism.**  No fp16 autocast; SVDs in float64.  One seed fixes the initial
   weights and every sample, so two trainings give bit-identical policies.  The reference keeps the
   best-scoring episode on disk but prunes with the last one; we return the last one and log every
@@ -122,11 +126,12 @@ class PolicyNetwork(nn.Module):
     Rows are scored independently, so the network works for any ``F``; ``v`` ties it to ``D``
     (``hidden_size``), so a policy is reused on models of the same width.
 
-    Why the split instead of one MLP over ``[x_i, stats_i]``: REINFORCE gradients on the ``D``
-    raw-row inputs are mostly noise, and Adam moves every coordinate by about ``lr`` whatever its
-    signal, so a hidden layer over the raw row (``D × width`` weights) turns that noise into random
-    logits that drown the row-statistics signal; a single linear ``v`` keeps the reference's
-    dependence on the row with ``width×`` fewer noisy weights.  ``row_score=False`` drops ``v``.
+    Why the split instead of one MLP over ``[x_i, stats_i]`` (which did not learn on SmolLM2-135M):
+    our reading is that REINFORCE gradients on the ``D`` raw-row inputs are mostly noise and Adam
+    moves every coordinate by about ``lr`` whatever its signal, so a hidden layer over the raw row
+    (``D × width`` weights) turns that noise into random logits that drown the row-statistics
+    signal; a single linear ``v`` keeps the reference's dependence on the row with ``width×`` fewer
+    noisy weights.  ``row_score=False`` drops ``v``.
     """
 
     def __init__(self, hidden_size: int, width: int = 16, row_stats: Sequence[str] = ("norm", "leverage"),
@@ -206,7 +211,11 @@ class PolicyNetwork(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def _check_k(k: int, rows: int) -> int:
-    if isinstance(k, bool) or int(k) != k or not 1 <= int(k) <= rows:
+    try:
+        ok = not isinstance(k, bool) and int(k) == k and 1 <= int(k) <= rows
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise SlicekitError(f"number of rows to keep must be an integer in [1, {rows}], got {k!r}")
     return int(k)
 
@@ -243,8 +252,8 @@ def sample_rows(logits: torch.Tensor, k: int, generator: torch.Generator | None 
 
 @torch.no_grad()
 def select_rows(policy: PolicyNetwork, W: torch.Tensor, keep: int) -> torch.Tensor:
-    """Compression-time action: the ``keep`` rows of ``W`` with the largest policy logits, as a sorted
-    ``LongTensor``.  Deterministic, and valid for any ``keep``, so a policy learned at one ratio is
+    """Compression-time action: the ``keep`` rows of ``W`` with the largest policy logits (= keep
+    probabilities, the sigmoid being monotone), as a sorted ``LongTensor``.  Deterministic, and valid for any ``keep``, so a policy learned at one ratio is
     applied at another without retraining."""
     policy.check_input(W)
     keep = _check_k(keep, W.shape[0])
@@ -269,8 +278,8 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
 
 def _check_kept(kept: torch.Tensor, rows: int) -> torch.Tensor:
     kept = torch.as_tensor(kept).detach().to("cpu")
-    if kept.ndim != 1 or kept.numel() < 1 or kept.dtype in (torch.bool, torch.float16, torch.float32,
-                                                             torch.float64, torch.bfloat16):
+    if kept.ndim != 1 or kept.numel() < 1 or kept.dtype == torch.bool or kept.dtype.is_floating_point \
+            or kept.dtype.is_complex:
         raise SlicekitError("kept rows must be a non-empty 1-D tensor of integer row indices")
     kept = kept.long()
     if int(kept.min()) < 0 or int(kept.max()) >= rows:
@@ -351,6 +360,7 @@ def _mean_greedy_reward(policy: PolicyNetwork, states: list[torch.Tensor], ks: l
     return sum(rewards) / len(rewards)
 
 
+@torch.enable_grad()  # callers (the compression pipeline) often run under no_grad
 def train_policy(weights: Sequence[torch.Tensor], keep: int | Sequence[int], episodes: int = 20,
                  lr: float = 1e-3, gamma: float = 0.99, seed: int = 0, progress: bool = False, *,
                  policy: PolicyNetwork | None = None, width: int = 16,
@@ -384,10 +394,11 @@ def train_policy(weights: Sequence[torch.Tensor], keep: int | Sequence[int], epi
     hidden = states[0].shape[1]
     if any(W.shape[1] != hidden for W in states):
         raise SlicekitError("all PruneNet weight matrices must have the same number of columns (hidden size)")
-    ks_list = [int(keep)] * len(states) if isinstance(keep, int) else [int(k) for k in keep]
+    ks_list = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(states)
     if len(ks_list) != len(states):
         raise SlicekitError(f"keep lists {len(ks_list)} row counts for {len(states)} weight matrices")
     ks_list = [_check_k(k, W.shape[0]) for k, W in zip(ks_list, states)]
+    t_start, cpu_start = time.perf_counter(), time.process_time()  # the reference SVDs count too
 
     if policy is None:
         policy = PolicyNetwork(hidden, width=width, row_stats=row_stats, row_score=row_score, seed=seed)
@@ -402,7 +413,6 @@ def train_policy(weights: Sequence[torch.Tensor], keep: int | Sequence[int], epi
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     baselines: list[float | None] = [None] * len(states)
     features = [policy.features(W) for W in states]  # inputs never change: compute once
-    t_start, cpu_start = time.perf_counter(), time.process_time()
     if eval_greedy:
         log.initial_greedy_reward = _mean_greedy_reward(policy, states, ks_list, refs)
 

@@ -58,7 +58,9 @@ def apply(model: nn.Module, plan_: Plan, config: PruneNetConfig, ctx: MethodCont
             with torch.enable_grad():
                 policy, log = train_policy(states, widths, episodes=config.episodes, lr=config.lr,
                                            gamma=config.gamma, seed=config.seed, progress=ctx.progress)
-            summary["policy"] = {"loaded": False, "training": log.to_dict()}
+            trained = log.to_dict()
+            summary["policy"] = {"loaded": False, "episodes": config.episodes,
+                                 **{k: trained[k] for k in ("mean_reward", "seconds") if k in trained}}
             if config.save_policy:
                 save_policy(policy, config.save_policy, {
                     "model_type": getattr(model.config, "model_type", "?"), "hidden_size": model.config.hidden_size,
