@@ -148,8 +148,11 @@ def _scrub(obj: Any) -> Any:
         return {k: _scrub(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_scrub(v) for v in obj]
-    if isinstance(obj, str) and os.path.isabs(obj):
-        return os.path.basename(os.path.normpath(obj))
+    if isinstance(obj, str) and "/" in obj:
+        import re
+
+        # any absolute path inside the text keeps only its last component
+        return re.sub(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\"]+)", r"\1", obj)
     return obj
 
 

@@ -544,12 +544,14 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--target-params", type=float, default=0.25, help="fraction of decoder parameters removed")
+    p.add_argument("--recover-tokens", type=int, default=8192,
+                   help="recovery (distillation) budget in tokens of Brown; 0 skips recovery")
     p.add_argument("--cal-nsamples", type=int, default=16)
     p.add_argument("--cal-seqlen", type=int, default=2048)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=8)
-    p.add_argument("--out", default="out/smollm2-135m-slicegpt")
+    p.add_argument("--out", default="out/smollm2-135m-fasp")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
