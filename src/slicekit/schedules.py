@@ -39,9 +39,9 @@ DEFAULT_CAP = 0.9
 DEFAULT_EPSILON = 0.1
 
 
-def check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-        raise SlicekitError(f"sparsity must be in [0, 1) (got {sparsity})")
+        raise SlicekitError(f"{name} must be in [0, 1) (got {sparsity})")
     return float(sparsity)
 
 

@@ -33,7 +33,7 @@ class SliceGPTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_sparsity(self.slicing)
+        check_sparsity(self.slicing, "slicing")
         if self.round_to < 1:
             raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
         if self.damping < 0:
