@@ -127,6 +127,10 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+#: options `slicekit compress` has for every method: a method's config may not reuse the names
+RESERVED_OPTIONS = frozenset({"model", "dtype", "device", "json", "quiet", "method", "recipe", "seed", "out",
+                              "eval", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size",
+                              "cal_strategy", "eval_dataset", "eval_seqlen", "eval_max_windows", "eval_batch_size"})
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -134,6 +138,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r} is already registered")
     if not (dataclasses.is_dataclass(spec.config_cls) and issubclass(spec.config_cls, MethodConfig)):
         raise TypeError(f"{spec.name}: the config must be a dataclass extending MethodConfig")
+    clash = {f.name for f in dataclasses.fields(spec.config_cls)} & RESERVED_OPTIONS
+    if clash:
+        raise TypeError(f"{spec.name}: config fields {sorted(clash)} clash with options of `slicekit compress`")
     METHODS[spec.name] = spec
     return spec
 

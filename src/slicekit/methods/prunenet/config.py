@@ -17,7 +17,7 @@ class PruneNetConfig(MethodConfig):
     calibration-free baselines ``random`` and ``magnitude`` (same widths, other rows).
     ``policy``: a saved policy (safetensors) to apply instead of training one; ``save_policy``:
     where to write the learned policy for reuse at other ratios or on another model of the same
-    width.  ``episodes``/``lr``/``gamma``: REINFORCE training.  ``seed``: training noise and the
+    width.  ``episodes``/``lr``/``gamma``: REINFORCE training.  ``policy_seed``: training noise and the
     random baseline.  ``round_to``: widths are multiples of this.
     """
 
@@ -29,7 +29,7 @@ class PruneNetConfig(MethodConfig):
         "episodes": "REINFORCE episodes over all layers",
         "lr": "AdamW learning rate of the policy",
         "gamma": "per-layer discount of the reward, as the reference",
-        "seed": "seed of the policy's training noise and of the random baseline",
+        "policy_seed": "seed of the policy training noise and of the random baseline",
         "round_to": "MLP widths are multiples of this",
     }
 
@@ -40,7 +40,7 @@ class PruneNetConfig(MethodConfig):
     episodes: int = 20
     lr: float = 1e-3
     gamma: float = 0.99
-    seed: int = 0
+    policy_seed: int = 0
     round_to: int = 8
 
     def __post_init__(self) -> None:

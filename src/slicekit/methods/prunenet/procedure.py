@@ -57,14 +57,14 @@ def apply(model: nn.Module, plan_: Plan, config: PruneNetConfig, ctx: MethodCont
         else:
             with torch.enable_grad():
                 policy, log = train_policy(states, widths, episodes=config.episodes, lr=config.lr,
-                                           gamma=config.gamma, seed=config.seed, progress=ctx.progress)
+                                           gamma=config.gamma, seed=config.policy_seed, progress=ctx.progress)
             trained = log.to_dict()
             summary["policy"] = {"loaded": False, "episodes": config.episodes,
                                  **{k: trained[k] for k in ("mean_reward", "seconds") if k in trained}}
             if config.save_policy:
                 save_policy(policy, config.save_policy, {
                     "model_type": getattr(model.config, "model_type", "?"), "hidden_size": model.config.hidden_size,
-                    "target_params": config.target_params, "episodes": config.episodes, "seed": config.seed})
+                    "target_params": config.target_params, "episodes": config.episodes, "seed": config.policy_seed})
         summary["policy_seconds"] = time.perf_counter() - t0
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -74,7 +74,7 @@ def apply(model: nn.Module, plan_: Plan, config: PruneNetConfig, ctx: MethodCont
             if config.selection == "policy":
                 keep = select_rows(policy, states[i], k)
             elif config.selection == "random":
-                keep = random_rows(states[i].shape[0], k, seed=config.seed + i)
+                keep = random_rows(states[i].shape[0], k, seed=config.policy_seed + i)
             else:
                 ups = [w.double() for w in mlp_up_weights(layer, spec)]
                 keep = magnitude_rows(ups, linear_weight(layer.get_submodule(spec.block.mlp_down)).double(), k)
