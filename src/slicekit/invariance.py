@@ -64,7 +64,9 @@ def invariant_plan(model: nn.Module, spec: ArchSpec | None = None) -> Plan:
         p.unit_norm(norm_path, hidden, hidden, norm_eps(norm))
 
     for i in range(len(spec.layer_list(model))):
-        at = (lambda name, i=i: spec.layer_path(i, name))
+        def at(name: str, i: int = i) -> str:
+            return spec.layer_path(i, name)
+
         if b.mlp_norm is None:
             fold(at(b.attn_norm), [at(n) for n in b.attn_readers + b.mlp_up])
         else:
@@ -112,7 +114,7 @@ def make_invariant(model: nn.Module, spec: ArchSpec | None = None) -> nn.Module:
             _center_writer(layer.get_submodule(b.attn_writer))
             _center_writer(layer.get_submodule(b.mlp_writer))
     bspec = block_spec(model.config)
-    for i, layer in enumerate(layers):
+    for layer in layers:
         attn_readers = [layer.get_submodule(n) for n in b.attn_readers]
         mlp_readers = [layer.get_submodule(n) for n in b.mlp_readers]
         if b.mlp_norm is None:  # one norm feeds attention and MLP (Phi-2)
