@@ -64,9 +64,10 @@ case "$cmd" in
       setup_min
       echo "[test] loader tests on transformers $MIN_TRANSFORMERS" >&2
       PYTHONPATH="$VENV/transformers-min${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q -p no:cacheprovider \
-        -m loader -W ignore::DeprecationWarning -W ignore::FutureWarning tests
+        -n auto -m loader -W ignore::DeprecationWarning -W ignore::FutureWarning tests
       python -c "import transformers; print('[test] whole suite on transformers', transformers.__version__)" >&2
     fi
-    exec python -m pytest -q -p no:cacheprovider "$@" ;;
+    # one worker per core (pytest-xdist); module fixtures are built once per worker
+    exec python -m pytest -q -p no:cacheprovider -n auto "$@" ;;
   *) echo "usage: ./run.sh [demo|test|setup] [args]" >&2; exit 2 ;;
 esac

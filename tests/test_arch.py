@@ -33,13 +33,22 @@ def test_table_matches_model(arch):
     b = spec.block
     assert b.parallel == (arch in ("gpt_neox", "phi"))
     for layer in layers:
-        for name in b.attn_readers + b.mlp_readers:
+        for name in b.attn_readers:
             assert linear_weight(layer.get_submodule(name)).shape[1] == hidden, name
-        for name in (b.attn_writer, b.mlp_writer):
-            assert linear_weight(layer.get_submodule(name)).shape[0] == hidden, name
-        up_rows = sum(linear_weight(layer.get_submodule(n)).shape[0] for n in b.mlp_up)
-        assert up_rows == mlp_width(cfg) * len(b.mlp_up) * b.mlp_up_fused
-        assert linear_weight(layer.get_submodule(b.mlp_down)).shape[1] == mlp_width(cfg)
+        assert linear_weight(layer.get_submodule(b.attn_writer)).shape[0] == hidden, b.attn_writer
+        if b.experts is None:  # a dense MLP of linears
+            for name in b.mlp_readers:
+                assert linear_weight(layer.get_submodule(name)).shape[1] == hidden, name
+            assert linear_weight(layer.get_submodule(b.mlp_writer)).shape[0] == hidden, b.mlp_writer
+            up_rows = sum(linear_weight(layer.get_submodule(n)).shape[0] for n in b.mlp_up)
+            assert up_rows == mlp_width(cfg) * len(b.mlp_up) * b.mlp_up_fused
+            assert linear_weight(layer.get_submodule(b.mlp_down)).shape[1] == mlp_width(cfg)
+        else:  # experts stored as 3-D parameters: E × (fused·F) × D up, E × D × F down
+            n_experts = getattr(cfg, b.experts.num_experts_key)
+            (up,) = b.mlp_up
+            assert layer.get_parameter(up).shape == (n_experts, mlp_width(cfg) * b.mlp_up_fused, hidden)
+            assert layer.get_parameter(b.mlp_down).shape == (n_experts, hidden, mlp_width(cfg))
+            assert not spec.mlp_prunable and not spec.rotation_invariant
         for norm in (b.attn_norm, b.mlp_norm):
             if norm is not None:
                 assert layer.get_submodule(norm).weight.shape == (hidden,)

@@ -22,7 +22,7 @@ def test_help_shows_only_the_chosen_methods_options(capsys):
     texts = {m: _help(capsys, "--method", m) for m in available_methods()}
     for method, text in texts.items():
         own = {f.name for f in config_fields(get_method(method).config_cls)}
-        for other, other_text in texts.items():
+        for other in texts:
             if other == method:
                 continue
             foreign = {f.name for f in config_fields(get_method(other).config_cls)} - own

@@ -4,11 +4,11 @@ a method removes KV heads or narrows heads, and stay the same when only MLPs are
 from __future__ import annotations
 
 import pytest
-from tiny import tiny_calibration, tiny_model
 
 from slicekit.bench import kv_cache_bytes_per_token
 from slicekit.methods import get_method
 from slicekit.pipeline import compress
+from tiny import tiny_calibration, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "phi"])

@@ -23,9 +23,20 @@ from slicekit.models import count_parameters
 from slicekit.pipeline import CompressReport
 from slicekit.pipeline import compress as pipeline_compress
 from slicekit.shape import Plan, count_plan
-from tiny import ARCHS, tiny_inputs, tiny_model
+from tiny import ARCHS, mlp_prunable_archs, tiny_config, tiny_inputs, tiny_model
 
-ATTENTION_ARCHS = ["llama", "mistral", "qwen2", "opt", "phi"]  # families whose heads can be narrowed
+
+def _heads_narrowable(arch: str) -> bool:
+    """MoDeGPT's rule (its config docstring): heads are narrowed where the table names separate
+    q/k/v/o projections and the heads have no q/k norms."""
+    b = get_arch(tiny_config(arch)).block
+    return None not in (b.attn_q, b.attn_k, b.attn_v, b.attn_o) and not b.qk_norm
+
+
+#: the families whose MLP is made of linears (MoDeGPT's Nyström step narrows them)
+PRUNABLE = mlp_prunable_archs()
+#: families whose heads can be narrowed
+ATTENTION_ARCHS = [a for a in PRUNABLE if _heads_narrowable(a)]
 
 
 def _cal(n: int = 3):
@@ -71,7 +82,28 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def test_heads_are_narrowed_where_the_table_allows():
+    assert {"llama", "mistral", "qwen2", "opt", "phi"} <= set(ATTENTION_ARCHS)
+    assert not {"gpt2", "gpt_neox", "gpt_neox_seq", "phi3"} & set(ATTENTION_ARCHS)  # fused q/k/v
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in PRUNABLE])
+def test_families_with_a_fixed_mlp_fail_cleanly(arch):
+    """Where the MLP cannot be narrowed (experts stored as 3-D parameters), MoDeGPT either
+    compresses what it can, exactly as planned, or refuses with a one-line SlicekitError before
+    touching a weight — never an internal error."""
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        res = compress(model, MoDeGPTConfig(target_params=0.1, schedule="constant"))
+    except SlicekitError:
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    else:
+        assert count_plan(res.plan).as_dict() == count_parameters(model) == _real_counts(model)
+
+
+@pytest.mark.parametrize("arch", PRUNABLE)
 def test_nothing_removed_is_exact(arch):
     model = tiny_model(arch)
     ref = _logits(model)
@@ -140,7 +172,7 @@ def test_padding_head_dims_leaves_attention_unchanged(dq, dv, impl):
     assert _rel(_logits(model, x), ref) < 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", PRUNABLE)
 def test_compress_save_load_generate(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 

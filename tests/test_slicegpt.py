@@ -16,7 +16,10 @@ from slicekit.pipeline import CompressReport
 from slicekit.pipeline import compress as pipeline_compress
 from slicekit.schedules import round_width
 from slicekit.shape import Plan, count_built, count_plan
-from tiny import ARCHS, logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
+from tiny import ARCHS, logits, rel_error, rotatable_archs, tiny_calibration, tiny_inputs, tiny_model
+
+#: the families whose residual stream slicekit can rotate (the architecture table says which)
+ROTATABLE = rotatable_archs()
 
 
 def compress(model, config: SliceGPTConfig, batches=None) -> CompressReport:
@@ -35,7 +38,7 @@ def real_counts(model) -> dict[str, int]:
     return {"total": total, "non_embedding": total - sum(emb.values()), "decoder": decoder}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ROTATABLE)
 def test_invariance_transforms_keeplogits(arch):
     model = tiny_model(arch)
     x = tiny_inputs()
@@ -51,7 +54,7 @@ def test_invariance_transforms_keeplogits(arch):
         assert emb.mean(-1).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ROTATABLE)
 def test_full_width_rotation_is_exact(arch):
     model = tiny_model(arch)
     x = tiny_inputs()
@@ -62,7 +65,7 @@ def test_full_width_rotation_is_exact(arch):
     assert rel_error(logits(model, x), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ROTATABLE)
 def test_sliced_shapes_and_parameter_counts(arch):
     model = tiny_model(arch)
     hidden = model.config.hidden_size
@@ -90,7 +93,7 @@ def test_sliced_shapes_and_parameter_counts(arch):
     assert result.summary["attn_in_widths"] == [d] * len(spec.layer_list(model))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ROTATABLE)
 def test_plan_count_before_surgery_equals_real_count(arch):
     """The one counter counts the plan, arithmetically and before any weight changes, exactly as
     the compressed model's real tensors count (width 40 of 64: shortcuts, untied head, folded
@@ -126,6 +129,18 @@ def test_target_params_picks_the_closest_width():
     assert got == pytest.approx(removed(widths[0]), abs=1e-12)
     for other in range(8, 65, 8):
         assert abs(got - 0.25) <= abs(removed(other) - 0.25) + 1e-12
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ROTATABLE])
+def test_families_that_cannot_be_rotated_are_refused_untouched(arch):
+    """SliceGPT refuses, with a one-line reason, a family whose stream it cannot rotate — before
+    any weight changes."""
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SlicekitError, match="slicegpt cannot compress this model: it"):
+        compress(model, SliceGPTConfig(slicing=0.25))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_slicing_error_grows_with_sparsity():

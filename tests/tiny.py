@@ -26,14 +26,68 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=96),
+    # today's families (issue #13)
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True),
+    # head_dim 32: the attention's inner width (128) differs from hidden, as in Gemma-7B
+    "gemma": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=128, pad_token_id=0),
+    # soft caps low enough to bend tiny logits/scores; sliding window shorter than the calibration text
+    "gemma2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0,
+                   query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=3.0,
+                   # attention soft-capping is transformers' own attention, which slicekit never changes;
+                   # sdpa (what older transformers load with by default) ignores it, so a loaded model
+                   # would differ from the eager original by the capping alone
+                   attn_logit_softcapping=None, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0,
+                        query_pre_attn_scalar=16, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "olmo2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0),
+    "mixtral": dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2),
 }
 
 ARCHS = list(TINY_CONFIGS)
+NEW_ARCHS = ["qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "mixtral", "qwen3_moe", "qwen2_moe"]
+
+#: tiny configs of causal LMs the architecture table does NOT list (no adapter): commands that need
+#: no adapter (info, eval, bench) must work on them; they are not in ``ARCHS``.
+UNADAPTED_CONFIGS: dict[str, dict] = {
+    "stablelm": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128),
+}
+
+
+def _row(name: str):
+    from slicekit.arch import get_arch
+
+    return get_arch(tiny_config(name))
+
+
+def rotatable_archs() -> list[str]:
+    """Tiny architectures whose residual stream slicekit can rotate (SliceGPT, bits-back, …)."""
+    return [a for a in ARCHS if _row(a).rotation_invariant]
+
+
+def mlp_prunable_archs() -> list[str]:
+    """Tiny architectures whose MLP width can be pruned (their MLP is linears, not 3-D experts)."""
+    return [a for a in ARCHS if _row(a).mlp_prunable]
 
 
 def tiny_config(name: str):
     model_type = "gpt_neox" if name == "gpt_neox_seq" else name
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **TINY_CONFIGS[name])
+    overrides = TINY_CONFIGS[name] if name in TINY_CONFIGS else UNADAPTED_CONFIGS[name]
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **overrides)
 
 
 def tiny_model(name: str, seed: int = 0):

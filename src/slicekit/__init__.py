@@ -8,7 +8,8 @@ __all__ = ["SlicekitError", "__version__", "load", "load_model", "save"]
 
 
 def load(directory: str, dtype=None, device: str = "cpu"):
-    """Load a compressed checkpoint without remote code: returns ``(model, tokenizer)``."""
+    """Load a compressed checkpoint (a directory, or a packed file from ``slicekit pack``)
+    without remote code: returns ``(model, tokenizer)``."""
     from slicekit.checkpoint import load as _load
 
     return _load(directory, dtype=dtype, device=device)

@@ -3,6 +3,15 @@
 Every method asks this module, never a model class, where a block's norms, readers, writers and
 MLP intermediate are.  Names are module paths relative to the decoder layer (or to the model for
 the model-level entries).  Adding an architecture means adding a row, not a code path.
+
+What a method needs to know about a family is a field or a property of its row, never a test of
+``model_type`` in the method: ``norm_offset`` (Gemma's ``(1 + w)`` norms), ``embedding_scale``
+(Gemma's ``√D`` inside the embedding module), ``post_attn_norm``/``post_mlp_norm`` (sandwich and
+post norms, Gemma 2/3 and OLMo 2), ``qk_norm``/``qk_norm_scope`` (per-head or whole-projection
+q/k norms), ``experts`` (mixture-of-experts MLPs stored as 3-D parameters).  From those,
+:attr:`ArchSpec.not_invariant_reason` says whether slicekit can rotate and slice the residual
+stream (SliceGPT and the other rotating methods) and :attr:`ArchSpec.mlp_fixed_reason` whether the
+MLP width can be pruned (FASP, MoDeGPT, the MLP-width methods).
 """
 
 from __future__ import annotations
@@ -20,6 +29,29 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """A mixture-of-experts MLP: a router and ``E`` experts of one width ``F``.
+
+    The installed transformers (5.x) keeps the experts of a layer in **one module holding 3-D
+    parameters**, not ``E`` ``nn.Linear`` modules: ``gate_up`` is ``E × 2F × D`` (gate rows, then
+    up rows: ``chunk(2)`` of the product), ``down`` is ``E × D × F``.  ``router`` is a module whose
+    ``weight`` (``E × D``) reads the MLP norm's output, like any reader of the stream.  Paths are
+    relative to the decoder layer; ``gate_up``/``down`` are parameter names of ``experts``.
+    ``shared``/``shared_gate``: Qwen2-MoE's always-on dense expert (an MLP of ``nn.Linear``) and its
+    ``D → 1`` sigmoid gate.
+    """
+
+    router: str
+    experts: str
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    num_experts_key: str = "num_local_experts"
+    top_k_key: str = "num_experts_per_tok"
+    shared: str | None = None
+    shared_gate: str | None = None
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """The residual structure of one decoder layer.
 
@@ -30,11 +62,20 @@ class BlockSpec:
     ``mlp_down`` writes the MLP's output and its columns index the neurons.
     ``attn_q/k/v/o``: the attention's projections (children of ``attn``), or None where q, k and
     v are one fused matrix (``qkv_layout`` says how its rows are laid out).
+
+    ``attn_norm``/``mlp_norm`` normalise the *inputs* of attention and MLP (None: OLMo 2 has none;
+    a parallel block with ``mlp_norm`` None feeds its MLP from ``attn_norm``, as Phi-2).
+    ``post_attn_norm``/``post_mlp_norm`` normalise their *outputs* before the residual add — the
+    sandwich norms of Gemma 2/3 and the post norms of OLMo 2: ``x + N(attn(·))``.  They sit between a
+    writer and the stream, so a rotated and sliced stream needs more than a fold (see
+    :mod:`slicekit.invariance`).  For a mixture-of-experts block (``experts`` set) ``mlp_up``/
+    ``mlp_down`` name the experts' 3-D parameters (``<experts>.<gate_up>``, ``<experts>.<down>``),
+    not linears.
     """
 
     parallel: bool
     attn: str
-    attn_norm: str
+    attn_norm: str | None
     attn_readers: tuple[str, ...]
     attn_writer: str
     mlp: tuple[str, ...]
@@ -47,9 +88,18 @@ class BlockSpec:
     attn_k: str | None = None
     attn_v: str | None = None
     attn_o: str | None = None
-    #: per-head norms of q and k inside the attention (Qwen3, Gemma 3, Phi with qk_layernorm):
+    #: norms of q and k inside the attention (Qwen3, Gemma 3, OLMo 2, Phi with qk_layernorm):
     #: narrowing the head dimension would change what they normalise.
     qk_norm: bool = False
+    #: what the q/k norms normalise: "head" (each head over ``head_dim``: removing whole heads is
+    #: exact) or "projection" (OLMo 2: all heads of q, resp. k, together: removing a head changes
+    #: every other head's normaliser and the norm's weight length)
+    qk_norm_scope: str = "head"
+    #: output norms (see the class docstring)
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    #: mixture-of-experts MLP (None: a dense MLP of linears)
+    experts: ExpertsSpec | None = None
 
     @property
     def mlp_readers(self) -> tuple[str, ...]:
@@ -85,6 +135,82 @@ class ArchSpec:
     head_count_attributes: tuple[tuple[str, str], ...] = ()
     #: why whole attention heads cannot be removed with the unmodified module (None: they can)
     heads_fixed_reason: str | None = None
+    #: RMSNorm scale is ``norm_offset + weight`` (Gemma: ``1 + w``, weights initialised at zero);
+    #: folding a norm into its readers folds this scale
+    norm_offset: float = 0.0
+    #: the token-embedding module multiplies its output by a constant inside its own forward
+    #: ("sqrt_hidden": ``√hidden_size``, Gemma's ``*TextScaledWordEmbedding`` with a non-persistent
+    #: buffer).  A constant commutes with any rotation or slicing of the embedding matrix, and
+    #: resizing the matrix keeps the module (and its scale); see :meth:`embedding_multiplier`.
+    embedding_scale: str | None = None
+
+    # ------------------------------------------------------------ what methods may do here
+    @property
+    def not_invariant_reason(self) -> str | None:
+        """Why slicekit cannot rotate and slice this family's residual stream (None: it can).
+
+        Checked by SliceGPT and every method built on :func:`slicekit.invariance.make_invariant`.
+        (1 + w) norms, the √D embedding scale, q/k norms inside the heads, soft-capping of logits and
+        attention scores, and local/global attention layers are all compatible with rotation.
+        """
+        b = self.block
+        if b.experts is not None:
+            return ("its mixture-of-experts MLP keeps the experts as 3-D parameters and routes with a "
+                    "non-Linear router; slicekit's rotation surgery handles nn.Linear readers and writers only "
+                    "(the maths is invariant: router and expert up-projections are readers, expert "
+                    "down-projections writers)")
+        post = [n for n in (b.post_attn_norm, b.post_mlp_norm) if n is not None]
+        if post:
+            return (f"it normalises the attention/MLP outputs before the residual add ({', '.join(post)}); a "
+                    "rotated and sliced stream then needs an extra map after each such norm (the cheapest "
+                    "exact form, slicekit.invariance.post_norm_factors, keeps about as many parameters "
+                    "as slicing removes) and the residual block has no place for it yet")
+        if b.attn_norm is None:
+            return "its decoder layer has no input norm, which slicekit's residual block needs"
+        return None
+
+    @property
+    def rotation_invariant(self) -> bool:
+        """Whether the residual stream can be rotated and sliced (see :attr:`not_invariant_reason`)."""
+        return self.not_invariant_reason is None
+
+    @property
+    def mlp_fixed_reason(self) -> str | None:
+        """Why the MLP intermediate width cannot be pruned (None: ``mlp_up`` rows ↔ ``mlp_down``
+        columns are linears that can be narrowed)."""
+        if self.block.experts is not None:
+            return ("its experts are fused 3-D parameters (gate_up_proj E × 2F × D, down_proj E × D × F), "
+                    "not linears; per-expert width pruning needs an experts entry in the compressed-shape "
+                    "description, which slicekit does not have yet")
+        return None
+
+    @property
+    def mlp_prunable(self) -> bool:
+        return self.mlp_fixed_reason is None
+
+    def embedding_multiplier(self, config: PretrainedConfig) -> float:
+        """The constant the token-embedding module multiplies its rows by (1.0 for most families)."""
+        if self.embedding_scale is None:
+            return 1.0
+        if self.embedding_scale == "sqrt_hidden":
+            return float(text_config(config).hidden_size) ** 0.5
+        raise ValueError(f"unknown embedding_scale {self.embedding_scale!r}")
+
+    def norm_paths(self) -> tuple[str, ...]:
+        """The residual-stream norms of a decoder layer (relative to the layer), inputs first."""
+        b = self.block
+        return tuple(n for n in (b.attn_norm, b.mlp_norm, b.post_attn_norm, b.post_mlp_norm) if n is not None)
+
+    def layer_row_paths(self) -> tuple[str, ...]:
+        """Every path the row names inside a decoder layer (modules, or for experts parameters)."""
+        b = self.block
+        attn_children = tuple(f"{b.attn}.{c}" for c in (b.attn_q, b.attn_k, b.attn_v, b.attn_o) if c is not None)
+        mlp_children = tuple(m for m in b.mlp if m != "activation_fn") + b.mlp_up + (b.mlp_down,)
+        paths = (b.attn, *b.attn_readers, b.attn_writer, *attn_children, *mlp_children, *self.norm_paths())
+        e = b.experts
+        if e is not None:
+            paths += tuple(p for p in (e.router, e.experts, e.shared, e.shared_gate) if p is not None)
+        return tuple(dict.fromkeys(paths))
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -199,6 +325,93 @@ register_architecture(ArchSpec(
     ),
 ))
 
+register_architecture(ArchSpec(
+    # Qwen3: Llama's layout plus per-head RMSNorms of q and k (over head_dim, one weight shared by
+    # all heads) — they act inside each head, so residual rotations and whole-head removal leave
+    # them exact; narrowing the head dimension would not.
+    model_types=("qwen3",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", block=replace(_LLAMA_BLOCK, qk_norm=True),
+))
+register_architecture(ArchSpec(
+    # Gemma: Llama's layout; RMSNorm scales by (1 + w); the embedding module multiplies by √D; tied head.
+    model_types=("gemma",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", norm_offset=1.0, embedding_scale="sqrt_hidden", block=_LLAMA_BLOCK,
+))
+_SANDWICH_BLOCK = replace(
+    # Gemma 2/3: input norms before attention and MLP (``pre_feedforward_layernorm``; note that
+    # ``post_attention_layernorm`` here is the attention OUTPUT norm, unlike Llama's) and output norms
+    # after them, before the residual add.
+    _LLAMA_BLOCK, mlp_norm="pre_feedforward_layernorm",
+    post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
+)
+register_architecture(ArchSpec(
+    # Gemma 2: sandwich norms, (1 + w) norms, √D embedding scale, tied head; tanh soft-capping of the
+    # final logits (config.final_logit_softcapping, after the head) and of the attention scores
+    # (config.attn_logit_softcapping, inside the attention), alternating sliding-window and global
+    # layers (config.layer_types) — none of these three touches the residual stream or the head count.
+    model_types=("gemma2",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", norm_offset=1.0, embedding_scale="sqrt_hidden", block=_SANDWICH_BLOCK,
+))
+register_architecture(ArchSpec(
+    # Gemma 3 (text): Gemma 2 plus per-head (1 + w) q/k norms; local/global layers with their own
+    # rotary bases; no soft-capping by default.
+    model_types=("gemma3_text",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", norm_offset=1.0, embedding_scale="sqrt_hidden",
+    block=replace(_SANDWICH_BLOCK, qk_norm=True),
+))
+register_architecture(ArchSpec(
+    # OLMo 2: no input norms; RMSNorms of the attention and MLP outputs before the residual add;
+    # q/k RMSNorms over the whole q (num_heads·head_dim) and k (num_kv_heads·head_dim) projections.
+    model_types=("olmo2",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms",
+    heads_fixed_reason="Olmo2Attention's q_norm/k_norm normalise the whole q and k projections (all heads "
+                       "together), so removing heads would change the other heads' normalisation",
+    block=replace(_LLAMA_BLOCK, attn_norm=None, mlp_norm=None, qk_norm=True, qk_norm_scope="projection",
+                  post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm"),
+))
+_MOE_MLP = dict(mlp=("mlp",), mlp_up=("mlp.experts.gate_up_proj",), mlp_down="mlp.experts.down_proj", mlp_up_fused=2)
+register_architecture(ArchSpec(
+    # Mixtral: Mistral's attention; a top-k routed mixture of SwiGLU experts (3-D parameters).
+    model_types=("mixtral",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms",
+    block=replace(_LLAMA_BLOCK, **_MOE_MLP, experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts")),
+))
+register_architecture(ArchSpec(
+    # Qwen3-MoE: Qwen3's attention (per-head q/k norms); routed experts of width moe_intermediate_size
+    # (config.mlp_only_layers / decoder_sparse_step can make some layers dense: see get_arch).
+    model_types=("qwen3_moe",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", mlp_width_key="moe_intermediate_size",
+    block=replace(_LLAMA_BLOCK, **_MOE_MLP, qk_norm=True,
+                  experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts", num_experts_key="num_experts")),
+))
+register_architecture(ArchSpec(
+    # Qwen2-MoE: Qwen2's attention (q/k/v biases); routed experts plus one always-on shared expert
+    # with a sigmoid gate.
+    model_types=("qwen2_moe",),
+    layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
+    norm_kind="rms", mlp_width_key="moe_intermediate_size",
+    block=replace(_LLAMA_BLOCK, **_MOE_MLP,
+                  experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts", num_experts_key="num_experts",
+                                      shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
+))
+
+
+def rotation_refusal(model: nn.Module, config: object = None) -> str | None:
+    """A ready ``MethodSpec.unsupported`` hook for methods that rotate the residual stream."""
+    return get_arch(model.config).not_invariant_reason
+
+
+def mlp_refusal(model: nn.Module, config: object = None) -> str | None:
+    """A ready ``MethodSpec.unsupported`` hook for methods that prune the MLP width."""
+    return get_arch(model.config).mlp_fixed_reason
+
 
 def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
@@ -223,9 +436,19 @@ def get_arch(config: PretrainedConfig) -> ArchSpec:
         spec = replace(spec, block=replace(spec.block, qk_norm=True))
     if "|" in spec.head:
         spec = replace(spec, head=_resolve_name(config, spec.head.split("|")))
+    if spec.block.experts is not None and _has_dense_layers(config):
+        raise UnsupportedArchitectureError(
+            f"{mt} with dense MLP layers among the expert layers (mlp_only_layers / decoder_sparse_step) is not "
+            "supported: the table describes one MLP kind for every layer")
     if mt == "gpt2" and getattr(config, "add_cross_attention", False):
         raise UnsupportedArchitectureError("GPT-2 with cross-attention is not a causal LM slicekit can transform")
     return spec
+
+
+def _has_dense_layers(config: PretrainedConfig) -> bool:
+    """Qwen-MoE configs can make some layers dense (``mlp_only_layers``, ``decoder_sparse_step``)."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return bool(getattr(config, "mlp_only_layers", None)) or step != 1
 
 
 _RESOLVED: dict[tuple[type, tuple[str, ...]], str] = {}

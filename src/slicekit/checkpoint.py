@@ -212,8 +212,12 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
         if err.errno == errno.ENOSPC:
             raise SlicekitError(f"no space left on the device while writing {directory}; nothing was changed") from err
         raise SlicekitError(f"cannot write {directory}: {err.strerror or err}; nothing was changed") from err
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if type(err).__name__ == "SafetensorError":  # safetensors wraps the write's OSError
+            from slicekit.validate import write_error_reason
+
+            raise SlicekitError(f"cannot write {directory}: {write_error_reason(err)}; nothing was changed") from err
         raise
     return fmt
 
@@ -267,9 +271,20 @@ def _jsonable(obj: Any) -> Any:
 
 
 def load(directory: str, dtype: torch.dtype | str | None = None, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load a saved directory without remote code: ``(model, tokenizer)``."""
+    """Load a saved directory, or a file written by ``slicekit pack``, without remote code:
+    ``(model, tokenizer)``.
+
+    A packed file is decoded into a temporary directory and loaded from there
+    (:func:`slicekit.bitsback.load_packed`); a damaged one raises :class:`SlicekitError` saying
+    whether it is truncated or corrupt.  Any other file is not a checkpoint, so it gets the
+    packed-file reader's "not a packed slicekit model" error rather than "no such directory".
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isfile(directory):
+        from slicekit.bitsback import load_packed
+
+        return load_packed(directory, dtype=dtype, device=device)
     if not os.path.isdir(directory):
         raise SlicekitError(f"no such checkpoint directory: {directory}")
     cfg_path = os.path.join(directory, "config.json")

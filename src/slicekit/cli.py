@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 from slicekit.errors import SlicekitError
 
@@ -126,7 +126,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from slicekit.models import count_parameters, generic_counts, load_model
     from slicekit.pipeline import check_supported
 
-    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False,
+                            require_tokenizer=bool(args.layer_scores))
     cfg = model.config
     text = text_config(cfg)
     info: dict[str, Any] = {
@@ -266,7 +267,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = _build_method_config(args.method, args, recipe)
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SlicekitError(f"--out {args.out} exists and is not a directory")
-    cal_defaults = {"dataset": "wikitext2", "split": None, "nsamples": 128, "seqlen": 2048, "batch_size": 8,
+    from slicekit.validate import default_window, model_context_length
+
+    cal_defaults = {"dataset": "wikitext2", "split": None, "nsamples": 128,
+                    "seqlen": default_window(2048, model_context_length(args.model)), "batch_size": 8,
                     "seed": 42, "strategy": "documents", **recipe.get("calibration", {})}
     for key in cal_defaults:
         given = getattr(args, "seed" if key == "seed" else f"cal_{key}", None)
@@ -276,6 +280,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cal = CalibrationRequest(**cal_defaults)
     except TypeError as err:
         raise SlicekitError(f"invalid calibration settings: {err}") from err
+    from slicekit.validate import preflight
+
+    preflight(args, cal)  # arguments, context, dtype/device, output location and space: before any loading
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
     model, tok = load_model(args.model, args.dtype, args.device)
     ppl_rows = []
@@ -293,10 +300,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out["perplexity"] = ppl_rows
     if args.out:
         from slicekit import __version__
+        from slicekit.validate import public_value
 
-        recipe_out = {"method": args.method, "slicekit_version": __version__,
-                      "settings": {k: v for k, v in report.settings.items() if k not in ("calibration", "config_version")},
-                      "calibration": asdict(cal)}
+        # shared with the model: local files by name only (a named dataset stays a name)
+        recipe_out = public_value({"method": args.method, "slicekit_version": __version__,
+                                   "settings": {k: v for k, v in report.settings.items()
+                                                if k not in ("calibration", "config_version")},
+                                   "calibration": asdict(cal)})
         info = {"title": f"{os.path.basename(os.path.abspath(args.out))}", "method": args.method,
                 "base_model": args.model, "settings": report.settings, "calibration": report.calibration,
                 "compression_seconds": report.measurement.seconds, "recipe": recipe_out,
@@ -388,6 +398,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     config = RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SlicekitError(f"--out {args.out} exists and is not a directory")
+    from slicekit.validate import preflight
+
+    preflight(args)
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
     model, tok = load_model(args.model, args.dtype, args.device)
     teacher = None
@@ -434,6 +447,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Quantise and entropy code a checkpoint into one file, with bits-back coding of its rotation
+    symmetry (:mod:`slicekit.bitsback`); a model without that symmetry is coded plainly, and the
+    output says so."""
+    from slicekit.bitsback import is_packed, pack
+
+    if is_packed(args.dir):
+        raise SlicekitError(f"{args.dir} is already a packed model; `slicekit unpack {args.dir} DIR` restores "
+                            "the checkpoint directory")
+    if not os.path.isdir(args.dir):
+        raise SlicekitError(f"no such checkpoint directory: {args.dir}")
+    report = pack(args.dir, args.out, args.bits, precision=args.precision, bits_back=not args.no_bits_back,
+                  estimate=args.estimate)
+    out = report.as_dict()
+    out["path"] = os.path.abspath(args.out)
+    _out(out, args.json, report.summary())
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    """Decode a packed file into an ordinary checkpoint directory (written atomically), which
+    ``slicekit.load`` and ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` read."""
+    import time
+
+    from slicekit.bitsback import unpack
+
+    started = time.perf_counter()
+    directory = unpack(args.packed, args.dir)
+    seconds = time.perf_counter() - started
+    _out({"path": directory, "seconds": seconds}, args.json,
+         f"unpacked {args.packed} into {args.dir} in {seconds:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slicekit.demo import run_demo
 
@@ -455,11 +502,20 @@ def _method_in(argv: list[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one ``slicekit: error:`` line every other error uses
+    (argparse would print the whole usage block first) and the same exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        self.exit(2, f"slicekit: error: {command + ': ' if command else ''}{message} (see --help)\n")
+
+
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     from slicekit.methods import available_methods
 
-    parser = argparse.ArgumentParser(prog="slicekit", description="structured compression of causal LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="slicekit", description="structured compression of causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="architecture, widths, heads and parameter counts of a model")
     _common_model_args(p)
@@ -467,7 +523,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                    help="also measure per-block layer redundancy LR = mean cos(input, output) and BI = 1 − LR")
     p.add_argument("--cal-dataset", default="wikitext2", help="text for --layer-scores (dataset name or path)")
     p.add_argument("--cal-nsamples", type=int, default=16)
-    p.add_argument("--cal-seqlen", type=int, default=2048)
+    p.add_argument("--cal-seqlen", type=int, default=None, help="default 2048, or the model's context if shorter")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_info)
 
@@ -475,7 +531,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     _common_model_args(p)
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, ptb, c4, brown, or a text/JSONL path")
     p.add_argument("--split", default=None, help="dataset split (default: the dataset's test split)")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048, or the model's context if shorter)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--tasks", default=None,
@@ -497,14 +553,14 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cal-dataset", default=None, help="calibration text: dataset name or path (default wikitext2)")
     p.add_argument("--cal-split", default=None)
     p.add_argument("--cal-nsamples", type=int, default=None, help="calibration samples (default 128)")
-    p.add_argument("--cal-seqlen", type=int, default=None, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--cal-seqlen", type=int, default=None, help="tokens per calibration sample (default 2048, or the model's context if shorter)")
     p.add_argument("--cal-batch-size", type=int, default=None, help="default 8")
     p.add_argument("--cal-strategy", default=None, choices=["documents", "windows"])
     p.add_argument("--seed", type=int, default=None, help="default 42")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
     p.add_argument("--eval", action="store_true", help="perplexity before and after")
     p.add_argument("--eval-dataset", default="wikitext2")
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=int, default=None, help="default 2048, or the model's context if shorter")
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=1)
     _add_method_options(p, method or "slicegpt")
@@ -542,6 +598,38 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    from slicekit.bitsback.coding import SIGNIFICAND_BITS
+
+    p = sub.add_parser("pack", help="one compact file: weights quantised, entropy coded, bits back from rotations",
+                       description="Pack a checkpoint directory into one file: the weights quantised to a stated "
+                                   "precision and coded with an ANS coder, with bits-back coding of every "
+                                   "rotation-symmetric interface (SliceGPT/DOTResize outputs); a model without "
+                                   "rotation symmetry is coded plainly. `slicekit unpack` restores a directory; "
+                                   "slicekit.load reads the packed file directly.")
+    p.add_argument("dir", metavar="DIR", help="a checkpoint directory (slicekit compress --out, slicekit.save, or any model "
+                               "directory slicekit.load reads)")
+    p.add_argument("out", metavar="OUT", help="the packed file to write (atomically)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--bits", type=int, default=None, metavar="N",
+                      help="uniform N-bit quantisation per tensor (2-24) instead of the checkpoint's precision")
+    prec.add_argument("--precision", default=None, choices=list(SIGNIFICAND_BITS),
+                      help="quantise to this float format's relative precision (default: each tensor's own dtype)")
+    p.add_argument("--no-bits-back", action="store_true",
+                   help="the same quantiser and coder without bits-back (for comparison)")
+    p.add_argument("--estimate", action="store_true",
+                   help="also compute the information-theoretic estimate of the bits-back saving (slower)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("unpack", help="decode a packed file into a checkpoint directory",
+                       description="Decode a file written by `slicekit pack` into a checkpoint directory "
+                                   "(written atomically) that slicekit.load and transformers "
+                                   "(trust_remote_code=True) read.")
+    p.add_argument("packed", metavar="FILE", help="the packed file (written by slicekit pack)")
+    p.add_argument("dir", metavar="DIR", help="the checkpoint directory to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_unpack)
+
     p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--target-params", type=float, default=0.25, help="fraction of decoder parameters removed")
@@ -573,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
             get_method(method)  # the one-line error naming the methods
         parser = build_parser(method)
         args = parser.parse_args(argv)
+        if args.command in ("info", "eval", "bench"):
+            from slicekit.validate import preflight
+
+            preflight(args)  # every check the arguments allow, before a model is loaded
         if getattr(args, "quiet", False) or getattr(args, "json", False):
             from transformers.utils import logging as hf_logging
 

@@ -109,9 +109,13 @@ def _read_jsonl(path: str) -> list[str]:
                 text = obj.get("text")
                 if text is None:  # alpaca-style records without a text field
                     text = "\n".join(str(obj[k]) for k in ("instruction", "input", "output") if obj.get(k))
+                if not isinstance(text, str):
+                    raise SlicekitError(f"{os.path.basename(path)}:{lineno}: the 'text' field is a "
+                                        f"{type(text).__name__}, not a string; each line must be "
+                                        '{"text": "..."}')
                 if not text:
                     raise SlicekitError(f"{path}:{lineno} has no 'text' field")
-                rows.append(str(text))
+                rows.append(text)
             else:
                 raise SlicekitError(f"{path}:{lineno}: expected a JSON object with a 'text' field")
     return rows

@@ -156,7 +156,9 @@ def _load_source(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
     except json.JSONDecodeError as err:
         raise SlicekitError(f"{cfg_path} is not valid JSON: {err}") from err
     model_type = raw.get("model_type")
-    if model_type == "slicekit":  # decided by model_type alone: vanilla outputs may carry slicekit info keys
+    # slicekit format: a base_config next to the shape (vanilla outputs carry only slicekit info keys);
+    # format-1 checkpoints said so by their model_type
+    if "base_config" in raw or model_type == "slicekit":
         raise SlicekitError(f"{directory} is a slicekit-format checkpoint (per-layer shapes, remote code); "
                             f"GGUF export needs a vanilla-shaped output: {VANILLA_HINT}")
     if model_type not in GGUF_FAMILIES:

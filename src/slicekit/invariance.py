@@ -5,6 +5,50 @@ linears that read it), LayerNorm models have a zero-mean residual stream (embedd
 centred), the head is untied, and every decoder layer is a residual block (:class:`SlicedLayer`) ready to carry
 shortcut matrices.  The model computes the same logits as before, to float round-off.
 This is the common ground of SliceGPT, dynamic slicing, DOTResize and bits-back coding.
+
+Today's families, worked out (the table row says which apply, :mod:`slicekit.arch`):
+
+- **(1 + w) RMSNorm** (Gemma): the scale is ``γ = norm_offset + w``; it folds into the readers like
+  any scale, ``W·diag(γ)``.
+- **√D embedding scale** (Gemma): the embedding module multiplies its rows by a constant ``c``;
+  ``(c·E)·Q = c·(E·Q)``, so rotating and slicing the matrix and keeping the module (and its ``c``)
+  is exact.  Nothing to do.
+- **q/k norms inside the heads** (Qwen3, Gemma 3, OLMo 2): they normalise the *outputs* of the
+  q/k projections; a residual rotation only changes the projections' *inputs* (``W_q·Q``), so the
+  norms see the same vectors.  Nothing to do.
+- **Soft-capping** (Gemma 2: ``c·tanh(logits/c)`` after the head, the same on attention scores) acts
+  after the head and inside the attention: untouched.  **Local/global layers**: untouched.
+- **Output (sandwich / post) norms** (Gemma 2/3 ``post_attention_layernorm`` and
+  ``post_feedforward_layernorm``; OLMo 2's only norms) are *not* a fold.  A writer ``W`` (``D × m``,
+  bias ``b``) feeds ``N(y) = γ ∘ y / ρ(y)``, ``y = W·z + b``, ``ρ(y) = √(‖y‖²/D + ε)``, and the block
+  adds ``N(y)`` to the stream.  With the stream rotated by ``Q`` and sliced to ``d`` the block must
+  add ``Q_dᵀ·N(y)`` (``Q_d = Q[:, :d]``).  The numerator is linear and folds into a ``d``-row writer,
+  ``Q_dᵀ·diag(γ)·W``, but the denominator needs ``‖y‖``, the norm of the *unscaled, full-width*
+  output, which those ``d`` rows do not determine.  The norm is invariant under orthogonal maps,
+  so write the thin SVD ``[W b] = U·Σ·Vᵀ`` (rank ``r ≤ min(D, m + 1)``) and let ``t = Σ·Vᵀ·[z; 1]``:
+  then ``‖t‖ = ‖y‖`` and ``y = U·t``, hence
+
+      Q_dᵀ·N(y) = (Q_dᵀ·diag(γ)·U) · t / √(‖t‖²/D + ε),
+
+  i.e. **linear m → r, weightless RMSNorm over r entries that divides by D** (the existing
+  ``UnitRMSNorm(r, norm_dim=D)``), **linear r → d**.  It is exact for every ``d`` (slicing only
+  drops the discarded output directions, as everywhere in SliceGPT) — :func:`post_norm_factors`
+  computes it.  It is also the cheapest exact form of this kind: ``ρ`` is a quadratic form of rank
+  ``r`` in ``[z; 1]``, so fewer than ``r`` linear functionals of the input cannot give it, and the
+  ``r × d`` map cannot be absorbed anywhere because its output is added to the stream.  The
+  parameter cost is ``r·(m + d)`` where an ordinary family's sliced writer costs ``d·m``
+  (:func:`post_norm_cost`).  For the MLP (``m = F > D``) that is the *whole* original down
+  projection plus a ``D × d`` map; for the attention (``m = heads·head_dim``) ``min(D, m)·(m + d)``.
+  Measured on the real configurations at 25 % slicing (``d = 0.75·D``), per decoder layer, with
+  SliceGPT's readers, shortcuts and these writers: Gemma-2-2B 77.86 M → 77.85 M (0.0 % removed;
+  the same layers without output norms would lose 17.3 %), Gemma-3-1B 26.84 M → 25.66 M (4.4 %
+  vs 19.4 %), Gemma-3-4B 0.6 % vs 17.2 %, OLMo-2-1B 0.8 % vs 18.0 %; below about 25 % slicing the
+  layers grow.  SliceGPT on these families therefore is refused (``ArchSpec.not_invariant_reason``)
+  rather than offered at a cost that cancels its benefit; methods that do not rotate the stream
+  (FASP, MoDeGPT, the MLP-width methods) work on them at no such cost.
+- **Mixture-of-experts** MLPs are invariant in principle (router and expert up-projections read
+  the normed stream, expert down-projections write it), but transformers keeps the experts as 3-D
+  parameters and slicekit's surgery handles linears only: refused as well.
 """
 
 from __future__ import annotations
@@ -13,19 +57,23 @@ import torch
 from torch import nn
 
 from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
+from slicekit.errors import SlicekitError
 from slicekit.linalg import center_rows, center_writer, fold_scale_into_readers
 from slicekit.modeling_slicekit import SlicedLayer, UnitRMSNorm, make_block
 from slicekit.models import untie_head
 from slicekit.shape import Plan, block_spec
 
 
-def _norm_params(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+def _norm_params(norm: nn.Module, offset: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """``(γ, β, ε)`` of a norm; ``γ = offset + weight`` (Gemma's ``(1 + w)`` norms have offset 1)."""
     gamma = getattr(norm, "weight", None)
     beta = getattr(norm, "bias", None)
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         eps = getattr(norm, "eps", 1e-5)
-    return (None if gamma is None else gamma.data, None if beta is None else beta.data, float(eps))
+    if gamma is not None:
+        gamma = gamma.data if offset == 0.0 else gamma.data.double() + offset
+    return (gamma, None if beta is None else beta.data, float(eps))
 
 
 def norm_eps(norm: nn.Module) -> float:
@@ -42,11 +90,19 @@ def _is_tied(model: nn.Module, spec: ArchSpec) -> bool:
     return head.weight is spec.embeddings(model)[0].weight or bool(getattr(model.config, "tie_word_embeddings", False))
 
 
+def check_invariant_family(spec: ArchSpec) -> None:
+    """Refuse, with the table's reason, a family whose stream slicekit cannot rotate."""
+    reason = spec.not_invariant_reason
+    if reason:
+        raise SlicekitError(f"cannot rotate the residual stream of {'/'.join(spec.model_types)}: {reason}")
+
+
 def invariant_plan(model: nn.Module, spec: ArchSpec | None = None) -> Plan:
     """The shape :func:`make_invariant` will give ``model`` (nothing is changed): untied head,
     weightless norms of full width, LayerNorm biases folded into the readers (which gain a bias
     where they had none), every decoder layer a residual block without shortcuts."""
     spec = spec or get_arch(model.config)
+    check_invariant_family(spec)
     p = Plan.of(model)
     if is_invariant(model):
         return p
@@ -77,8 +133,8 @@ def invariant_plan(model: nn.Module, spec: ArchSpec | None = None) -> Plan:
     return p
 
 
-def _fold(norm: nn.Module, readers: list[nn.Module]) -> float:
-    gamma, beta, eps = _norm_params(norm)
+def _fold(norm: nn.Module, readers: list[nn.Module], offset: float = 0.0) -> float:
+    gamma, beta, eps = _norm_params(norm, offset)
     for lin in readers:
         w, b = fold_scale_into_readers(linear_weight(lin), linear_bias(lin), gamma, beta, out_dtype=lin.weight.dtype)
         set_linear(lin, w, b)
@@ -101,6 +157,8 @@ def make_invariant(model: nn.Module, spec: ArchSpec | None = None) -> nn.Module:
     spec = spec or get_arch(model.config)
     if is_invariant(model):
         return model
+    check_invariant_family(spec)
+    off = spec.norm_offset
     hidden = model.config.hidden_size
     head = model.get_submodule(spec.head)
     if _is_tied(model, spec):
@@ -118,16 +176,54 @@ def make_invariant(model: nn.Module, spec: ArchSpec | None = None) -> nn.Module:
         attn_readers = [layer.get_submodule(n) for n in b.attn_readers]
         mlp_readers = [layer.get_submodule(n) for n in b.mlp_readers]
         if b.mlp_norm is None:  # one norm feeds attention and MLP (Phi-2)
-            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers + mlp_readers)
+            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers + mlp_readers, off)
             setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
         else:
-            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers)
+            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers, off)
             setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
-            eps = _fold(layer.get_submodule(b.mlp_norm), mlp_readers)
+            eps = _fold(layer.get_submodule(b.mlp_norm), mlp_readers, off)
             setattr(layer, b.mlp_norm, UnitRMSNorm(hidden, hidden, eps))
         make_block(layer, bspec)
     final_norm = model.get_submodule(spec.final_norm)
-    eps = _fold(final_norm, [head])
+    eps = _fold(final_norm, [head], off)
     parent, _, name = spec.final_norm.rpartition(".")
     setattr(model.get_submodule(parent), name, UnitRMSNorm(hidden, hidden, eps))
     return model
+
+
+# ------------------------------------------------------------------ output (sandwich / post) norms
+
+@torch.no_grad()
+def post_norm_factors(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                      q: torch.Tensor, width: int, rtol: float = 1e-12
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The cheapest exact form of "writer, then output norm, then rotation and slicing".
+
+    For a writer ``y = W·z + b`` (``weight`` ``D × m``) followed by ``N(y) = γ ∘ y / √(‖y‖²/D + ε)``
+    and a stream rotated by ``q`` (``D × D``) and sliced to ``width = d``, returns ``(A, a, M)``
+    with ``A`` ``r × m``, ``a`` ``r`` (None without ``bias``) and ``M`` ``d × r`` such that
+
+        q[:, :d]ᵀ·N(W·z + b) = M · t / √(‖t‖²/D + ε),   t = A·z + a,
+
+    for every ``z`` — ``t`` is the writer's output in an orthonormal basis of its range (same norm),
+    ``r`` the rank of ``[W b]`` (at most ``min(D, m + 1)``).  See the module docstring for the
+    derivation and the parameter cost; float64.
+    """
+    w = weight.double()
+    aug = w if bias is None else torch.cat([w, bias.double()[:, None]], dim=1)
+    u, sv, vh = torch.linalg.svd(aug, full_matrices=False)
+    r = int((sv > rtol * sv.max()).sum()) if sv.numel() else 0
+    u, sv, vh = u[:, :r], sv[:r], vh[:r]
+    t_map = sv[:, None] * vh  # Σ·Vᵀ: r × (m [+ 1])
+    a_mat, a_bias = (t_map, None) if bias is None else (t_map[:, :-1], t_map[:, -1])
+    g = torch.ones(w.shape[0], dtype=torch.float64, device=w.device) if gamma is None else gamma.double()
+    m_mat = q[:, :width].double().to(w.device).T @ (g[:, None] * u)
+    return a_mat, a_bias, m_mat
+
+
+def post_norm_cost(hidden: int, inner: int, width: int, bias: bool = False) -> tuple[int, int]:
+    """Parameters of one writer followed by an output norm on a stream sliced to ``width``:
+    ``(exact post-norm form, ordinary sliced writer)`` — ``r·(m + d) (+ r)`` against ``d·m (+ d)``
+    with ``r = min(D, m + bias)`` (the generic rank)."""
+    r = min(hidden, inner + int(bias))
+    return r * (inner + width) + (r if bias else 0), width * inner + (width if bias else 0)

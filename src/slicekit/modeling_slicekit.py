@@ -16,7 +16,10 @@ the module keeps its identity and gets a *subclass* of its own class (made at ru
 
 - a decoder layer of a rotated model becomes ``Sliced<LayerClass>`` (still an instance of the
   original class, so transformers' hidden-state capture, ``_no_split_modules``/``device_map`` and
-  gradient checkpointing treat it as its own) — it adds SliceGPT's shortcut matrices;
+  gradient checkpointing treat it as its own) — it adds SliceGPT's shortcut matrices, or
+  DISP-LLM's *gather/scatter* residual form: the layer reads a stored subset of the stream's
+  dimensions after each input norm (``index_select``) and adds its outputs into another stored
+  subset (``index_add``), the indices being integer buffers;
 - an attention module whose heads were narrowed (MoDeGPT) becomes ``Reduced<AttentionClass>``,
   and its q/k/v/o linears ``Head<Linear>``: the projections apply rotary embeddings to the kept
   dimensions and zero-pad every head to one size, so transformers' own attention forward, cache
@@ -30,9 +33,10 @@ The ``shape`` dictionary (``config.json`` → ``slicekit.shape``)::
      "attributes": {dotted.path: value, ...}}
 
 ``spec["type"]``: ``linear`` / ``conv1d`` / ``embedding`` (resized in place), ``unit_rmsnorm``
-(replaces a norm), ``block`` (residual wiring with shortcut matrices around a decoder layer) and
-``reduced_attention`` (narrowed heads).  Format 1 checkpoints (``{"version": 1, ...}``) are
-upgraded on load by :func:`upgrade_shape`.
+(replaces a norm), ``block`` (residual wiring around a decoder layer: shortcut matrices, or
+read/write index buffers — feature ``residual_index``) and ``reduced_attention`` (narrowed
+heads).  Format 1 checkpoints (``{"version": 1, ...}``) are upgraded on load by
+:func:`upgrade_shape`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 SHAPE_FORMAT = 2
 #: Features this loader implements.  A checkpoint lists the ones it uses; an unknown one is refused
 #: with a message, instead of loading a model that silently computes something else.
-FEATURES = frozenset({"resize", "unit_rmsnorm", "residual_block", "reduced_attention"})
+FEATURES = frozenset({"resize", "unit_rmsnorm", "residual_block", "reduced_attention", "residual_index"})
 SLICEKIT_MODEL_TYPE = "slicekit"
 _FEATURE_OF = {"linear": "resize", "conv1d": "resize", "embedding": "resize", "unit_rmsnorm": "unit_rmsnorm",
                "block": "residual_block", "reduced_attention": "reduced_attention"}
@@ -115,11 +119,26 @@ def _new_param(like: torch.Tensor, shape: Iterable[int]) -> nn.Parameter:
 
 # ------------------------------------------------------------------------- residual blocks
 
-class SlicedLayer:
-    """Mixin for a decoder layer of a rotated model: ``out = x·S + f(norm(x))``.
+#: block-spec keys of the gather/scatter residual form: the number of stream dimensions the
+#: attention / MLP reads (after its input norm) and writes; the indices are the buffers ``<key>_index``
+INDEX_KEYS = ("attn_read", "attn_write", "mlp_read", "mlp_write")
 
-    ``S`` is an optional shortcut matrix (``None`` means identity).  Sequential blocks (Llama,
-    OPT, GPT-2, Phi-3) have an attention and an MLP shortcut; parallel ones (GPT-NeoX, Phi-2) one.
+
+class SlicedLayer:
+    """Mixin for a decoder layer with its own residual wiring, in one of two forms.
+
+    **Shortcut form** (SliceGPT, a rotated model): ``out = x·S + f(norm(x))``.  ``S`` is an optional
+    shortcut matrix (``None`` means identity).  Sequential blocks (Llama, OPT, GPT-2, Phi-3) have an
+    attention and an MLP shortcut; parallel ones (GPT-NeoX, Phi-2) one.
+
+    **Index form** (DISP-LLM): the stream keeps its full width ``D``; the attention reads
+    ``norm(x)[..., attn_read_index]`` and its output is added at ``attn_write_index``
+    (``x.index_add(-1, idx, out)``), likewise the MLP.  The norm is the family's own module at full
+    width, so its statistics are those of the whole stream, as in the unpruned model (the reference
+    also normalises the full stream and selects afterwards); selecting before the norm would change
+    every RMS.  A key that is ``None`` (or absent) means "all dimensions, in order": an index
+    covering everything would compute the same thing.  The two forms do not mix in one layer.
+
     The layer's own attention, MLP and norm submodules are called; their names come from the
     spec (written by slicekit from its architecture table).  Positional and keyword arguments of
     the model's layer loop go to the attention module unchanged, as the original layers do.
@@ -131,6 +150,27 @@ class SlicedLayer:
         for key in ("attn_shortcut", "mlp_shortcut"):
             shp = spec.get(key)
             self.register_parameter(key, None if shp is None else _new_param(ref, shp))
+        indexed = [k for k in INDEX_KEYS if spec.get(k) is not None]
+        if indexed and (spec.get("attn_shortcut") is not None or spec.get("mlp_shortcut") is not None):
+            raise SlicekitShapeError("a residual block has both shortcut matrices and read/write indices; "
+                                     "the shape description is corrupt")
+        for key in INDEX_KEYS:
+            n = spec.get(key)
+            self._buffers.pop(f"{key}_index", None)
+            if n is not None:
+                # filled by the method or from the file; the leading dimensions until then
+                self.register_buffer(f"{key}_index", torch.arange(int(n), device=ref.device), persistent=True)
+
+    def _sk_read(self, h: torch.Tensor, key: str) -> torch.Tensor:
+        idx = self._buffers.get(f"{key}_index")
+        return h if idx is None else h.index_select(-1, idx)
+
+    def _sk_write(self, x: torch.Tensor, out: torch.Tensor, key: str) -> torch.Tensor:
+        idx = self._buffers.get(f"{key}_index")
+        return x + out if idx is None else x.index_add(-1, idx, out.to(x.dtype))
+
+    def _sk_indexed(self) -> bool:
+        return any(self._buffers.get(f"{k}_index") is not None for k in INDEX_KEYS)
 
     @staticmethod
     def _residual(x: torch.Tensor, mat: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -148,22 +188,27 @@ class SlicedLayer:
         return out
 
     def _sk_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        h = self._sk_read(h, "mlp_read")
         for name in self.sk_spec["mlp"]:
             h = getattr(self, name)(h)
         return h
 
     def _sk_attn(self, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        out = getattr(self, self.sk_spec["attn"])(h, *args, **kwargs)
+        out = getattr(self, self.sk_spec["attn"])(self._sk_read(h, "attn_read"), *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def attn_half(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sequential blocks: the stream after the attention residual, ``x·S_attn + attn(norm(x))``."""
         h = getattr(self, self.sk_spec["attn_norm"])(hidden_states)
+        if self._sk_indexed():
+            return self._sk_write(hidden_states, self._sk_attn(h, args, kwargs), "attn_write")
         return self._residual(hidden_states, self.attn_shortcut, self._sk_attn(h, args, kwargs))
 
     def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Sequential blocks: ``h·S_mlp + mlp(norm(h))`` on the stream after attention."""
         h = getattr(self, self.sk_spec["mlp_norm"])(hidden_states)
+        if self._sk_indexed():
+            return self._sk_write(hidden_states, self._sk_mlp(h), "mlp_write")
         return self._residual(hidden_states, self.mlp_shortcut, self._sk_mlp(h))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -174,7 +219,11 @@ class SlicedLayer:
             h = getattr(self, spec["attn_norm"])(hidden_states)
             attn_out = self._sk_attn(h, args, kwargs)
             h_mlp = h if spec.get("mlp_norm") is None else getattr(self, spec["mlp_norm"])(hidden_states)
-            out = self._residual(hidden_states, self.attn_shortcut, attn_out + self._sk_mlp(h_mlp))
+            if self._sk_indexed():
+                out = self._sk_write(hidden_states, attn_out, "attn_write")
+                out = self._sk_write(out, self._sk_mlp(h_mlp), "mlp_write")
+            else:
+                out = self._residual(hidden_states, self.attn_shortcut, attn_out + self._sk_mlp(h_mlp))
         return (out,) if _returns_tuple(type(self)) else out
 
 
@@ -210,7 +259,8 @@ def _returns_tuple(cls: type) -> bool:
 
 
 def make_block(layer: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
-    """Give ``layer`` SliceGPT's residual wiring in place (its class becomes ``Sliced<Class>``)."""
+    """Give ``layer`` its residual wiring in place (its class becomes ``Sliced<Class>``): SliceGPT's
+    shortcut matrices or DISP-LLM's read/write indices, as ``spec`` says."""
     _become(layer, SlicedLayer, "Sliced")
     layer._sk_setup(spec)
     return layer
@@ -341,7 +391,11 @@ def _resize_linear(module: nn.Module, spec: Mapping[str, Any]) -> None:
 
 def shape_features(shape: Mapping[str, Any]) -> list[str]:
     """The loader features a shape description needs."""
-    return sorted({_FEATURE_OF.get(spec["type"], spec["type"]) for spec in shape["modules"].values()})
+    features = {_FEATURE_OF.get(spec["type"], spec["type"]) for spec in shape["modules"].values()}
+    if any(spec["type"] == "block" and any(spec.get(k) is not None for k in INDEX_KEYS)
+           for spec in shape["modules"].values()):
+        features.add("residual_index")
+    return sorted(features)
 
 
 def upgrade_shape(shape: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -628,9 +682,12 @@ def slicekit_config_dict(model: nn.Module) -> dict[str, Any]:
         base.pop(key, None)
     base["use_cache"] = True
     cfg = SlicekitConfig(base_config=base, slicekit=model.slicekit).to_dict()
-    cfg.update({"architectures": ["SlicekitForCausalLM"], "transformers_version": tf_version,
-                "auto_map": {"AutoConfig": "modeling_slicekit.SlicekitConfig",
-                             "AutoModelForCausalLM": "modeling_slicekit.SlicekitForCausalLM"}})
+    # The *base* model_type and no AutoConfig entry: AutoConfig (which AutoTokenizer and pipelines
+    # read first) then needs no remote code, so a plain ``AutoTokenizer.from_pretrained(DIR)``
+    # neither prompts nor warns.  Only AutoModelForCausalLM is mapped to this loader.
+    cfg.update({"model_type": base.get("model_type", SLICEKIT_MODEL_TYPE),
+                "architectures": ["SlicekitForCausalLM"], "transformers_version": tf_version,
+                "auto_map": {"AutoModelForCausalLM": "modeling_slicekit.SlicekitForCausalLM"}})
     return cfg
 
 
@@ -648,6 +705,9 @@ def _save_pretrained(self: nn.Module, save_directory: str, *args: Any, **kwargs:
     """``save_pretrained`` of a compressed model: transformers writes the weights (and its own
     config, which describes the *original* shape), then the slicekit config and loader replace
     that config, so the directory loads back equal."""
+    # The slicekit loader reads the module names the model has now; transformers' "original
+    # format" would rename some on the way out (GPT-NeoX's lm_head -> embed_out since 5.2x).
+    kwargs.setdefault("save_original_format", False)
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     write_slicekit_files(self, str(save_directory))
     return result

@@ -39,7 +39,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 class ModelSource:
     """Where a model comes from, resolved from what the user typed."""
 
-    kind: str  # "alias", "gguf", "dir", "slicekit", "hub"
+    kind: str  # "alias", "gguf", "dir", "slicekit", "packed", "hub"
     path: str  # directory or hub id
     gguf_file: str | None = None
     display: str = ""
@@ -56,6 +56,11 @@ def resolve_model(spec: str) -> ModelSource:
         if not os.path.isfile(os.path.join(directory, filename)):
             raise SlicekitError(f"{filename} is missing from the installed {package} package; reinstall it: `{install}`")
         return ModelSource("alias", directory, filename, spec)
+    if os.path.isfile(spec) and not spec.endswith(".gguf"):
+        from slicekit.bitsback import is_packed
+
+        if is_packed(spec):  # `slicekit pack` output: checkpoint.load decodes it
+            return ModelSource("packed", spec, None, spec)
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise SlicekitError(f"GGUF file not found: {spec}")
@@ -88,10 +93,14 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
 
     src = resolve_model(spec)
     torch_dtype = parse_dtype(dtype)
-    if src.kind == "slicekit":
+    from slicekit.validate import check_finite_model
+
+    if src.kind in ("slicekit", "packed"):
         from slicekit.checkpoint import load
 
-        return load(src.path, dtype=torch_dtype, device=device)
+        model, tok = load(src.path, dtype=torch_dtype, device=device)
+        check_finite_model(model, spec)
+        return model, tok
     from transformers import AutoConfig
 
     from slicekit.arch import get_arch
@@ -109,6 +118,13 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
         raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
     except ValueError as err:
         raise SlicekitError(f"cannot load model {spec!r}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # safetensors' SafetensorError (a truncated or edited weights file) and kin
+        if "safetensor" not in f"{type(err).__module__}.{type(err).__name__}".lower():
+            raise
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise SlicekitError(f"cannot load the weights of {spec!r} ({first}): the model.safetensors file is "
+                            "corrupt or truncated; download or save it again") from err
+    check_finite_model(model, spec)
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **gguf)
     except (OSError, ValueError, TypeError) as err:

@@ -4,7 +4,8 @@
 
 1. checks that the method can compress this architecture (before any work);
 2. draws calibration text only if the method or its schedule needs it;
-3. scores the layers if the schedule needs it (:mod:`slicekit.scores`);
+3. scores the layers if the schedule needs it (:mod:`slicekit.scores`), and runs the method's
+   ``learn`` step if it has one (what its plan depends on, e.g. DISP-LLM's masks);
 4. turns the schedule into per-layer fractions and, if ``config.target_params`` is set, scales
    their mean until the **plan** removes that share of decoder parameters, counted by the one
    counter (:func:`slicekit.shape.count_plan`) — no surgery is done to find it;
@@ -27,7 +28,7 @@ from slicekit.data import load_text, sample_calibration
 from slicekit.errors import SlicekitError
 from slicekit.methods import MethodContext, MethodSpec, config_to_dict, get_method
 from slicekit.profiling import Measurement, limit_heap_retention, measure, release_memory
-from slicekit.schedules import needs_scores, resolve_schedule
+from slicekit.schedules import is_schedule_file, needs_scores, resolve_schedule
 from slicekit.shape import ParamCounts, Plan, count_plan
 
 
@@ -153,15 +154,21 @@ class PlannedRun:
     predicted: ParamCounts
 
 
-def plan_compression(entry: MethodSpec, model: nn.Module, config: Any, scores: Any = None) -> PlannedRun:
-    """The plan a run will apply, with its parameter counts — nothing in ``model`` changes."""
+def plan_compression(entry: MethodSpec, model: nn.Module, config: Any, scores: Any = None,
+                     learned: Any = None) -> PlannedRun:
+    """The plan a run will apply, with its parameter counts — nothing in ``model`` changes.
+    ``learned``: the method's ``learn`` result, for methods that have that step."""
     original = count_plan(Plan.of(model))
     fractions_of = schedule_fractions(entry, model, config, scores)
 
     def make_plan(mean: float) -> Plan:
-        return entry.plan(model, config, fractions_of(mean))
+        return entry.make_plan(model, config, fractions_of(mean), learned)
 
-    if config.target_params is not None:
+    if is_schedule_file(config.schedule):
+        # explicit per-layer fractions: nothing to solve, and a target share would be ignored
+        # silently by the bisection (the file does not scale) — the file is the request
+        mean = sum(fractions_of(0.0)) / max(1, n_layers_of(model))
+    elif config.target_params is not None:
         target = round((1.0 - config.target_params) * original.decoder)
         mean = solve_target(make_plan, target, config.max_layer_sparsity)
     elif entry.default_mean is not None:
@@ -169,7 +176,7 @@ def plan_compression(entry: MethodSpec, model: nn.Module, config: Any, scores: A
     else:
         raise SlicekitError(f"{entry.name} needs target_params (the fraction of decoder parameters to remove)")
     fractions = fractions_of(mean)
-    plan = entry.plan(model, config, fractions)
+    plan = entry.make_plan(model, config, fractions, learned)
     return PlannedRun(plan, fractions, mean, original, count_plan(plan))
 
 
@@ -201,9 +208,18 @@ def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: Calibra
             from slicekit.scores import layer_scores
 
             scores = layer_scores(model, batches, device=device, progress=progress)
-        run = plan_compression(entry, model, config, scores)
-        ctx = MethodContext(batches if entry.needs.calibration else None, device, progress, run.fractions, scores)
-        with torch.set_grad_enabled(entry.needs.gradients):
+        learned = None
+        if entry.learn is not None:
+            with torch.enable_grad():
+                learned = entry.learn(model, config, MethodContext(batches if entry.needs.calibration else None,
+                                                                   device, progress, [], scores))
+        run = plan_compression(entry, model, config, scores, learned)
+        ctx = MethodContext(batches if entry.needs.calibration else None, device, progress, run.fractions, scores,
+                            learned)
+        from slicekit.validate import FiniteGuard
+
+        # a NaN/inf activation stops the run naming the module, instead of a silently broken model
+        with torch.set_grad_enabled(entry.needs.gradients), FiniteGuard(model, during=f"{method} calibration"):
             summary = entry.apply(model, run.plan, config, ctx)
     result = Plan.of(model, attributes=run.plan.attributes)
     wrong = run.plan.differences(result)

@@ -21,6 +21,10 @@ Public API::
     unpack("model.skpack", OUT_DIR)          # a checkpoint directory slicekit.load reads
     model, tokenizer = load_packed("model.skpack")
     is_packed(path); inspect(path); rotation_interfaces(model)
+    slicekit.load("model.skpack")            # slicekit.checkpoint.load takes a packed file too
+
+Command line: ``slicekit pack DIR OUT [--bits N | --precision P] [--no-bits-back] [--estimate]`` and
+``slicekit unpack OUT DIR`` (:mod:`slicekit.cli`).
 """
 
 from slicekit.bitsback.container import is_packed

@@ -40,11 +40,14 @@ class SectionWriter:
     """Collects binary sections; :meth:`add` returns the section's index for the header."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
         self.table: list[list[Any]] = []
         self.size = 0
 
-    def add(self, data: bytes, compress: bool = True) -> int:
+    def add(self, data: bytes | memoryview, compress: bool = True) -> int:
+        """Add a section; ``data`` may be any bytes-like object (kept, not copied, when not
+        compressed — the ANS stream is hundreds of MB for a 135M-parameter model)."""
+        data = memoryview(data).cast("B")
         raw_len = len(data)
         codec = "raw"
         if compress and raw_len > 64:
@@ -91,6 +94,9 @@ def write_container(path: str, header: dict[str, Any], sections: SectionWriter) 
                 fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a packed model is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,6 +111,13 @@ class Container:
     def __init__(self, header: dict[str, Any], payload: memoryview) -> None:
         self.header = header
         self.payload = payload
+
+    def raw_view(self, index: int) -> memoryview:
+        """An uncompressed section without copying it (the ANS stream)."""
+        offset, length, raw_len, codec = self.header["sections"][int(index)]
+        if codec != "raw" or length != raw_len or offset < 0 or offset + length > len(self.payload):
+            raise SlicekitError(f"packed file section {index} is not a raw section inside the payload: corrupt")
+        return self.payload[offset:offset + length]
 
     def section(self, index: int) -> bytes:
         try:
@@ -133,11 +146,13 @@ def read_container(path: str | os.PathLike) -> Container:
         data = fh.read()
     if len(data) < _PRE.size:
         if not data.startswith(MAGIC[: len(data)]) or not data:
-            raise SlicekitError(f"{name} is not a packed slicekit model (bad magic)")
+            raise SlicekitError(f"{name} is not a packed slicekit model (bad magic): expected a file written by "
+                                "`slicekit pack`")
         raise SlicekitError(f"{name} is truncated ({len(data)} bytes): re-create it with slicekit pack")
     magic, version, head_len, pay_len, digest = _PRE.unpack_from(data)
     if magic != MAGIC:
-        raise SlicekitError(f"{name} is not a packed slicekit model (bad magic)")
+        raise SlicekitError(f"{name} is not a packed slicekit model (bad magic): expected a file written by "
+                            "`slicekit pack`")
     if version != CONTAINER_VERSION:
         raise SlicekitError(f"{name} has container version {version}; this slicekit reads version "
                             f"{CONTAINER_VERSION} — upgrade slicekit")

@@ -108,10 +108,14 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
         spec = get_arch(model.config)
     except (UnsupportedArchitectureError, AttributeError):
         return [], []
+    b = spec.block
+    # output norms (Gemma 2/3, OLMo 2) act on what the writers write: no free rotation there
+    if not getattr(spec, "rotation_invariant", True) or any(
+            getattr(b, key, None) is not None for key in ("post_attn_norm", "post_mlp_norm")):
+        return [], []
     layers = spec.layer_list(model)
     if len(layers) == 0 or not all(isinstance(layer, _block_class()) for layer in layers):
         return [], []
-    b = spec.block
     positions: list[_Position] = []
     links: list[tuple[int, int]] = []
 
@@ -130,8 +134,10 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
         if side == WRITER and mod.bias is not None:
             positions[pos].members.append((mod.bias, 0, WRITER))
 
-    def weightless(path: str | None, pos: int) -> None:
-        if path is not None and not isinstance(model.get_submodule(path), UnitRMSNorm):
+    def weightless(prefix: str, name: str | None, pos: int) -> None:
+        """A norm between the stream and its readers must be weightless (None: no norm, e.g.
+        OLMo 2's readers, or Phi's MLP sharing the attention norm)."""
+        if name is not None and not isinstance(model.get_submodule(prefix + name), UnitRMSNorm):
             positions[pos].ok = False
 
     def shortcut(layer: nn.Module, key: str, pos_in: int, pos_out: int) -> None:
@@ -147,11 +153,11 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
         positions[cur].members.append((emb.weight, 1, WRITER))
     for i, layer in enumerate(layers):
         at = f"{spec.layers}.{i}."
-        weightless(at + b.attn_norm, cur)
+        weightless(at, b.attn_norm, cur)
         for name in b.attn_readers:
             linear(at + name, READER, cur)
         if b.parallel:
-            weightless(None if b.mlp_norm is None else at + b.mlp_norm, cur)
+            weightless(at, b.mlp_norm, cur)
             for name in b.mlp_readers:
                 linear(at + name, READER, cur)
             out = new(f"layers.{i}.out")
@@ -164,14 +170,14 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
             mid = new(f"layers.{i}.mid")
             shortcut(layer, "attn_shortcut", cur, mid)
             linear(at + b.attn_writer, WRITER, mid)
-            weightless(at + b.mlp_norm, mid)
+            weightless(at, b.mlp_norm, mid)
             for name in b.mlp_readers:
                 linear(at + name, READER, mid)
             out = new(f"layers.{i}.out")
             shortcut(layer, "mlp_shortcut", mid, out)
             linear(at + b.mlp_writer, WRITER, out)
         cur = out
-    weightless(spec.final_norm, cur)
+    weightless("", spec.final_norm, cur)
     linear(spec.head, READER, cur)
     head = model.get_submodule(spec.head)
     if getattr(head, "weight", None) is spec.embeddings(model)[0].weight:  # tied: one matrix, one rotation

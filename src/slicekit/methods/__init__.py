@@ -8,7 +8,11 @@ maths) and one line in :data:`_BUILTIN`.  It registers a :class:`MethodSpec` say
   per-layer fractions (what a fraction means is the method's: residual width for SliceGPT, share
   of the layer's parameters for FASP, …), without touching a weight;
 - how it **applies** the plan: ``apply(model, plan, config, ctx) -> summary`` — the surgery, with
-  calibration through ``ctx.engine()``.
+  calibration through ``ctx.engine()``;
+- optionally, what it must **learn** before it can plan: ``learn(model, config, ctx) -> state``
+  (DISP-LLM's masks, trained on the calibration text); the pipeline then calls
+  ``plan(model, config, fractions, learned=state)`` and hands ``apply`` the same state as
+  ``ctx.learned``.
 
 Everything else — drawing calibration text, layer scores, schedules, meeting a parameter
 target against the one counter, checking that the result is the plan, reports — is the
@@ -96,6 +100,7 @@ class MethodContext:
     progress: bool = True
     fractions: list[float] = field(default_factory=list)
     scores: Any = None  # slicekit.scores.LayerScores when the schedule needed them
+    learned: Any = None  # what the method's ``learn`` step returned (None: it has none)
 
     def engine(self, model: nn.Module):
         """The calibration engine over this run's calibration batches."""
@@ -124,6 +129,16 @@ class MethodSpec:
     schedule_kwargs: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     #: why the method cannot compress this model (None: it can); checked before any work
     unsupported: Callable[[nn.Module, Any], str | None] | None = None
+    #: ``learn(model, config, ctx) -> state``, run once before planning, with autograd on and the
+    #: calibration batches in ``ctx``; ``state`` reaches ``plan(..., learned=state)`` and
+    #: ``ctx.learned`` in ``apply``.  For methods whose shape depends on something trained.
+    learn: Callable[[nn.Module, Any, MethodContext], Any] | None = None
+
+    def make_plan(self, model: nn.Module, config: Any, fractions: list[float], learned: Any = None) -> Any:
+        """``plan(model, config, fractions)``, with ``learned=`` for a method that has a learn step."""
+        if self.learn is not None:
+            return self.plan(model, config, fractions, learned=learned)
+        return self.plan(model, config, fractions)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -153,6 +168,7 @@ _BUILTIN: dict[str, str] = {
     "fasp": "slicekit.methods.fasp",
     "dotresize": "slicekit.methods.dotresize",
     "prunenet": "slicekit.methods.prunenet",
+    "disp": "slicekit.methods.disp",
 }
 _BROKEN: dict[str, str] = {}
 

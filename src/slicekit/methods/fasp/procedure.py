@@ -120,6 +120,9 @@ def plan(model: nn.Module, config: FASPConfig, fractions: list[float]) -> Plan:
 
 
 def unsupported(model: nn.Module, config: FASPConfig) -> str | None:
+    fixed = get_arch(model.config).mlp_fixed_reason
+    if fixed:
+        return fixed
     groups, reason = _groups(model, config)
     if groups is None and not config.mlp_only and config.attention_sparsity:
         return f"its attention heads cannot be removed ({reason}); use mlp_only"

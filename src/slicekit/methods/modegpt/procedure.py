@@ -281,6 +281,9 @@ def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Pla
 
 def unsupported(model: nn.Module, config: MoDeGPTConfig) -> str | None:
     """MoDeGPT needs at least one module it can compress on this family."""
+    fixed = get_arch(model.config).mlp_fixed_reason
+    if fixed:
+        return fixed
     _, geo = _geometry(model, config)
     if geo is None and config.module_set <= {"qk", "vo"}:
         return (f"its attention heads cannot be narrowed (fused q/k/v or per-head q/k norms) and modules="

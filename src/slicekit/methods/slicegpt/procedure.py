@@ -8,6 +8,7 @@ blocks (one rotation per layer); the only difference is whether a mid-layer inte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,27 +103,53 @@ def _mlp_half(layer: SlicedLayer, hidden: torch.Tensor, *args, **kwargs) -> torc
     return layer.mlp_half(hidden)
 
 
-class RotateAndSlice:
-    """The engine method. ``Q``/``width`` track the basis of the stream entering the next layer."""
+#: ``basis(G, k)`` → a ``D × D`` orthogonal matrix whose first ``k`` columns span the kept subspace,
+#: for the Gram matrix ``G`` of the stream in the model's original coordinates
+Basis = Callable[[torch.Tensor, int], torch.Tensor]
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, plan: WidthPlan, damping: float) -> None:
+
+class RotateAndSlice:
+    """The engine method. ``Q``/``width`` track the basis of the stream entering the next layer.
+
+    ``basis``: how an interface's kept subspace is chosen.  ``None`` is SliceGPT's PCA (the
+    eigenvectors of the Gram matrix, largest first, which are basis-independent); another choice
+    (DOTResize's transport map) sees the Gram matrix in the original coordinates of the stream,
+    because its "neurons" are those coordinates, and the result is mapped back into the current
+    basis.  The rest of the procedure — shortcuts, norms, sequential calibration — is the same.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, plan: WidthPlan, damping: float,
+                 basis: Basis | None = None) -> None:
         self.model, self.spec, self.plan, self.damping = model, spec, plan, damping
+        self.basis = basis
         self.hidden = model.config.hidden_size
         self.q: torch.Tensor | None = None
         self.width = self.hidden
         self.eigenvalues: list[list[float]] = []
 
-    def _pca(self, gram: Gram) -> torch.Tensor:
-        vals, vecs = pca_from_gram(gram.matrix, self.damping)
-        self.eigenvalues.append((vals / gram.count).tolist())
+    def _pca(self, gram: Gram, width: int, current: torch.Tensor | None = None) -> torch.Tensor:
+        """The rotation ``V`` (in the basis ``current`` of the Gram matrix) whose first ``width``
+        columns are kept."""
+        if self.basis is None:
+            vals, vecs = pca_from_gram(gram.matrix, self.damping)
+            self.eigenvalues.append((vals / gram.count).tolist())
+            return vecs
+        g = gram.matrix.double()
+        if current is not None:
+            cur = current.double().to(g.device)
+            g = cur @ g @ cur.T
+        full = self.basis(g, width).to(g.device, torch.float64)
+        vecs = full if current is None else cur.T @ full
+        kept = vecs[:, :width]
+        self.eigenvalues.append((torch.diagonal(kept.T @ gram.matrix.double() @ kept) / gram.count).tolist())
         return vecs
 
     def begin(self, engine: CalibrationEngine) -> None:
         gram = Gram()
         for x in engine.inputs:
             gram.add(x.to(engine.device))
-        q = self._pca(gram)
         d0 = self.plan.attn_in[0]
+        q = self._pca(gram, d0)
         for emb in self.spec.embeddings(self.model):
             new = rotate_reader(emb.weight.data, q, d0, out_dtype=emb.weight.dtype)
             emb.weight = nn.Parameter(new.contiguous(), requires_grad=emb.weight.requires_grad)
@@ -150,8 +177,8 @@ class RotateAndSlice:
             # stream after the attention residual is kept, and projected once its rotation is known.
             writer = _WriterInBasis(layer, (b.attn_writer,), q_in)
             obs = step.forward(grams=[":output"], keep_outputs=True, call=_attn_half)
-            v = self._pca(obs.grams[":output"])
             d_mid = self.plan.mlp_in[i]
+            v = self._pca(obs.grams[":output"], d_mid, q_in)
             q_cur, d_cur = q_in @ v, d_mid
             writer.finish(q_cur, d_mid)
             _set_shortcut(layer, "attn_shortcut", v[:d_in, :d_mid])
@@ -165,7 +192,7 @@ class RotateAndSlice:
         obs = step.forward(grams=[":output"], keep_outputs=True, inputs=inputs,
                            call=None if b.parallel else _mlp_half)
         del inputs
-        v = self._pca(obs.grams[":output"])
+        v = self._pca(obs.grams[":output"], d_out, q_cur)
         q_out = q_cur @ v
         writer.finish(q_out, d_out)
         _set_shortcut(layer, "attn_shortcut" if b.parallel else "mlp_shortcut", v[:d_cur, :d_out])
