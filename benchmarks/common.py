@@ -203,14 +203,18 @@ def _path_replacements() -> list[tuple[str, str]]:
 
 def scrub(obj: Any) -> Any:
     """``obj`` with machine paths in its strings replaced: the data directory by
-    ``$SLICEKIT_DATA_DIR``, the repository by a relative path, the home directory by ``~``."""
+    ``$SLICEKIT_DATA_DIR``, the repository by a relative path, the home directory by ``~``, any
+    other absolute path by its last component."""
     if isinstance(obj, dict):
         return {k: scrub(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub(v) for v in obj]
     if isinstance(obj, str):
+        from slicekit.validate import public_text
+
         for old, new in _path_replacements():
             obj = obj.replace(old, new)
+        obj = public_text(obj)  # any other absolute path (a reference install, /tmp): its last component
     return obj
 
 
