@@ -63,3 +63,15 @@ def _no_files_left_behind():
     created = set(os.listdir(ROOT)) - before
     created = {c for c in created if c not in (".pytest_cache", ".ruff_cache", "__pycache__")}
     assert not created, f"test left files in the repository: {sorted(created)}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are several times slower with more than one thread on a shared machine: a module
+    that uses this (``pytestmark = pytest.mark.usefixtures("one_thread")``) runs on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -760,15 +760,10 @@ def test_context_length_without_loading(world, tmp_path):
     assert context_from_config({"n_positions": 1024}) == 1024
     assert context_from_config({"text_config": {"max_position_embeddings": 4096}}) == 4096
     assert context_from_config({"hidden_size": 8}) is None
-    gguf = pytest.importorskip("gguf")
-    path = tmp_path / "m.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(321)
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    pytest.importorskip("gguf")
+    from tiny import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", context_length=321)
     assert gguf_context_length(str(path)) == 321
     assert model_context_length(str(path)) == 321
     with pytest.raises(SlicekitError, match="GGUF"):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from slicekit.arch import gguf_spec
 from slicekit.errors import SlicekitError
-from slicekit.export import GGUF_FAMILIES, export_gguf, infer_pre_tokenizer
+from slicekit.export import export_gguf, infer_pre_tokenizer
 from tiny import TINY_CONFIGS, rel_error
 
 gguf = pytest.importorskip("gguf")
@@ -110,7 +111,7 @@ def test_f32_roundtrip_through_transformers(arch, tmp_path):
     model, tok = tiny_lm(arch), bpe_tokenizer()
     out = tmp_path / f"{arch}.gguf"
     report = export_gguf(model, out, "f32", tok)
-    assert report.architecture == GGUF_FAMILIES[arch].gguf_arch
+    assert report.architecture == gguf_spec(model.config).gguf_arch
     assert report.file_bytes == os.path.getsize(out)
     assert report.parameters == sum(p.numel() for p in model.parameters())
     back, back_tok = reload(out)

@@ -25,13 +25,7 @@ from tiny import VOCAB, logits, tiny_calibration, tiny_config, tiny_inputs, tiny
 TEXT = "the quick brown fox jumps over the lazy dog. " * 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are slower with several threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,18 @@ def save_tiny_with_tokenizer(directory, name: str = "llama") -> None:
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(directory)
+
+
+def write_tiny_gguf(path, context_length: int = 128):
+    """A minimal GGUF file (one tensor, a context length): enough for metadata readers and for
+    checks that refuse GGUF input."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(context_length)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -11,17 +11,22 @@ post norms, Gemma 2/3 and OLMo 2), ``qk_norm``/``qk_norm_scope`` (per-head or wh
 q/k norms), ``experts`` (mixture-of-experts MLPs stored as 3-D parameters).  From those,
 :attr:`ArchSpec.not_invariant_reason` says whether slicekit can rotate and slice the residual
 stream (SliceGPT and the other rotating methods) and :attr:`ArchSpec.mlp_fixed_reason` whether the
-MLP width can be pruned (FASP, MoDeGPT, the MLP-width methods).
+MLP width can be pruned (FASP, MoDeGPT, the MLP-width methods).  ``gguf`` says how llama.cpp's file
+format holds the family (:func:`gguf_spec`; :mod:`slicekit.export` asks it, never a ``model_type``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
+
+from slicekit.errors import SlicekitError
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -111,6 +116,49 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class GGUFSpec:
+    """How a family is written as GGUF, the file format of llama.cpp, following llama.cpp's own
+    converter (``convert_hf_to_gguf.py``) because that is what every GGUF reader expects.
+
+    ``gguf_arch``: GGUF's ``general.architecture``; it also selects the ``gguf`` package's
+    tensor-name table.  ``permute_qk``: the converter reorders Q/K rows for this architecture (and
+    readers reverse it).  ``qkv_bias``: the family always has Q/K/V biases (Qwen2), so they are part
+    of the architecture rather than an optional extra.  ``custom_head_dim``: a head dimension other
+    than ``hidden_size / num_attention_heads`` survives the round trip through transformers' GGUF
+    loader (for ``llama`` it reads it back from ``rope.dimension_count``; for ``qwen2`` it does not
+    read it at all).
+
+    ``sliding_window``: GGUF has no key for a sliding attention window, so what happens to the
+    family's: "none" (it has none), "dropped" (``config.sliding_window`` applies to every layer, as
+    Mistral's: the file attends to the whole context, which equals the source for sequences up to the
+    window, so the export keeps it and says so, see :meth:`dropped_window`), "refused" (switched on by
+    ``config.use_sliding_window`` for some layers only, as Qwen2's: nothing in GGUF computes that, see
+    :meth:`window_refusal`).
+    """
+
+    gguf_arch: str
+    permute_qk: bool
+    qkv_bias: bool
+    custom_head_dim: bool
+    sliding_window: str = "none"  # "none" | "dropped" | "refused"
+
+    def window_refusal(self, config: PretrainedConfig) -> str | None:
+        """Why the config's sliding window cannot be written as GGUF (None: it can, perhaps
+        losing the window: see :meth:`dropped_window`)."""
+        if self.sliding_window == "refused" and getattr(config, "use_sliding_window", False):
+            return f"{model_type_of(config)} with use_sliding_window=True has no GGUF equivalent"
+        return None
+
+    def dropped_window(self, config: PretrainedConfig) -> int | None:
+        """The sliding window the GGUF file leaves out, where it is shorter than the context (None:
+        the file computes exactly what the source does)."""
+        if self.sliding_window != "dropped":
+            return None
+        window = getattr(config, "sliding_window", None)
+        return int(window) if window and window < config.max_position_embeddings else None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What slicekit needs to know about one family."""
 
@@ -143,6 +191,11 @@ class ArchSpec:
     #: buffer).  A constant commutes with any rotation or slicing of the embedding matrix, and
     #: resizing the matrix keeps the module (and its scale); see :meth:`embedding_multiplier`.
     embedding_scale: str | None = None
+    #: how GGUF (llama.cpp) holds the family (None: slicekit does not export it as GGUF)
+    gguf: GGUFSpec | None = None
+    #: config key of the RMSNorm epsilon: a plain config of a narrower residual stream rescales
+    #: it (None: the family's config cannot describe such a model)
+    norm_eps_key: str | None = None
 
     # ------------------------------------------------------------ what methods may do here
     @property
@@ -250,10 +303,25 @@ def register_architecture(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-register_architecture(ArchSpec(
-    model_types=("llama", "mistral", "qwen2"),
+_LLAMA_ROW: dict[str, Any] = dict(
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms", block=_LLAMA_BLOCK,
+    norm_kind="rms", block=_LLAMA_BLOCK, norm_eps_key="rms_norm_eps",
+)
+register_architecture(ArchSpec(
+    model_types=("llama",), **_LLAMA_ROW,
+    gguf=GGUFSpec("llama", permute_qk=True, qkv_bias=False, custom_head_dim=True),
+))
+register_architecture(ArchSpec(
+    # Mistral: Llama's layout with a sliding attention window on every layer; GGUF (like llama.cpp's
+    # converter) calls it ``llama`` and has no window key.
+    model_types=("mistral",), **_LLAMA_ROW,
+    gguf=GGUFSpec("llama", permute_qk=True, qkv_bias=False, custom_head_dim=True, sliding_window="dropped"),
+))
+register_architecture(ArchSpec(
+    # Qwen2: Llama's layout with q/k/v biases (read from the tensors); an opt-in sliding window on the
+    # upper layers (config.use_sliding_window, max_window_layers).
+    model_types=("qwen2",), **_LLAMA_ROW,
+    gguf=GGUFSpec("qwen2", permute_qk=False, qkv_bias=True, custom_head_dim=False, sliding_window="refused"),
 ))
 register_architecture(ArchSpec(
     model_types=("opt",),
@@ -298,7 +366,7 @@ register_architecture(ArchSpec(
 register_architecture(ArchSpec(
     model_types=("phi3",),
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms",
+    norm_kind="rms", norm_eps_key="rms_norm_eps",
     heads_fixed_reason="Phi3Attention splits its fused qkv_proj at config.num_attention_heads × head_dim, read "
                        "from the config object all layers share, so per-layer head counts cannot be expressed",
     block=BlockSpec(
@@ -331,7 +399,7 @@ register_architecture(ArchSpec(
     # them exact; narrowing the head dimension would not.
     model_types=("qwen3",),
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms", block=replace(_LLAMA_BLOCK, qk_norm=True),
+    norm_kind="rms", block=replace(_LLAMA_BLOCK, qk_norm=True), norm_eps_key="rms_norm_eps",
 ))
 register_architecture(ArchSpec(
     # Gemma: Llama's layout; RMSNorm scales by (1 + w); the embedding module multiplies by √D; tied head.
@@ -519,6 +587,77 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 def model_type_of(config: PretrainedConfig) -> str:
     """The family name that selects the table row (for messages and reports)."""
     return str(getattr(config, "model_type", "?"))
+
+
+def _model_type(config: PretrainedConfig | Mapping[str, Any]) -> Any:
+    """``model_type`` of a config object or of a raw ``config.json`` dict (None where missing)."""
+    if isinstance(config, Mapping):
+        return config.get("model_type")
+    return getattr(config, "model_type", None)
+
+
+def is_slicekit_format(config: PretrainedConfig | Mapping[str, Any]) -> bool:
+    """Whether a config (object, or a raw ``config.json`` dict) is a slicekit-format checkpoint's
+    rather than a family's: a ``base_config`` next to the shape in the file, or format 1's
+    ``model_type`` "slicekit" (the file, or a model loaded from one).  Such a model has per-layer
+    shapes no family's hyper-parameters describe."""
+    from slicekit.modeling_slicekit import SLICEKIT_MODEL_TYPE
+
+    return _model_type(config) == SLICEKIT_MODEL_TYPE or (isinstance(config, Mapping) and "base_config" in config)
+
+
+def gguf_model_types() -> list[str]:
+    """The families slicekit can export as GGUF (rows with a ``gguf`` entry)."""
+    return sorted(mt for mt, spec in ARCHITECTURES.items() if spec.gguf is not None)
+
+
+def gguf_families() -> dict[str, GGUFSpec]:
+    """``model_type`` → :class:`GGUFSpec` for every exportable family (a view of the table)."""
+    return {mt: spec.gguf for mt, spec in sorted(ARCHITECTURES.items()) if spec.gguf is not None}
+
+
+def gguf_spec(config: PretrainedConfig | Mapping[str, Any], source: str = "this model") -> GGUFSpec:
+    """The GGUF facts of a config's family (a config object or a raw ``config.json`` dict), or a
+    :class:`SlicekitError` naming the families that can be exported.  ``source`` names the model in
+    that message (a directory, or "this model")."""
+    mt = _model_type(config)
+    spec = ARCHITECTURES.get(mt) if isinstance(mt, str) else None
+    if spec is None or spec.gguf is None:
+        raise SlicekitError(f"GGUF export supports model types {', '.join(gguf_model_types())}; {source} is {mt!r}")
+    return spec.gguf
+
+
+def hidden_resize_refusal(config: PretrainedConfig) -> str | None:
+    """Why a plain config of this family cannot describe the model with a narrower residual
+    stream that one global rotation gives (None: it can, see :func:`hidden_resize_overrides`)."""
+    spec = get_arch(config)
+    reason = spec.not_invariant_reason
+    if reason:
+        return reason
+    if spec.norm_kind != "rms":
+        return ("its norms are LayerNorms, which centre over all D coordinates; a narrower plain model cannot "
+                "express that")
+    if spec.embedding_scale is not None:
+        return "its embeddings are scaled by √hidden_size, which would change with the width"
+    if spec.norm_eps_key is None:
+        return "the architecture table does not say which config key holds its norm epsilon"
+    if spec.position_embedding is not None or spec.head_width_is_embedding_width:
+        return "its positions or head are tied to the embedding width"
+    return None
+
+
+def hidden_resize_overrides(config: PretrainedConfig, width: int) -> dict[str, Any]:
+    """Config keys of a plain model whose residual stream is ``width`` wide, computing exactly what
+    the rotated, sliced model computes: the head geometry stays (``head_dim`` given explicitly)
+    and the norm's epsilon is scaled by ``D / width``, because an RMSNorm over ``width``
+    coordinates with epsilon ``ε·D/width`` and weight ``√(D/width)`` equals slicekit's
+    :class:`~slicekit.modeling_slicekit.UnitRMSNorm` (which divides by the full ``D``)."""
+    spec = get_arch(config)
+    text = text_config(config)
+    hidden = text.hidden_size
+    eps = float(getattr(text, spec.norm_eps_key))
+    return {"hidden_size": int(width), "head_dim": attention_info(config).head_dim,
+            spec.norm_eps_key: eps * hidden / int(width)}
 
 
 def vanilla_config_overrides(config: PretrainedConfig, mlp_widths: list[int]) -> dict[str, int] | None:

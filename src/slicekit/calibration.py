@@ -13,7 +13,10 @@ change.  Protocol (see :class:`Method`)::
         method.end(engine)              # e.g. rotate the head
 
 Only one layer is on the compute device at a time; activations live on ``offload_device``
-between layers, one tensor per calibration batch.  The arguments transformers passes to decoder
+between layers, one tensor per calibration batch.  Where a layer lives between its turns is the
+business of a :class:`LayerSource`: in memory (the default: moved to the device and back), or in
+the safetensors shards of a checkpoint (:mod:`slicekit.streaming`: read before its turn, written
+to the output and dropped after it, with per-layer progress so that a killed run resumes).  The arguments transformers passes to decoder
 layers (masks, rotary position embeddings, cache flags) are recorded per layer by running the
 decoder once with every layer replaced by a recording identity module — no model's forward code
 is copied and nothing is stopped by raising.
@@ -21,6 +24,7 @@ is copied and nothing is stopped by raising.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +57,8 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 class _Recorder(nn.Module):
     """Stands in for a decoder layer while the decoder runs once: records what it is called with."""
 
-    def __init__(self, index: int, sink: list, keep_hidden: bool, offload: Callable, layer: nn.Module) -> None:
+    def __init__(self, index: int, sink: list, keep_hidden: bool, offload: Callable, layer: nn.Module,
+                 keep: Callable | None = None) -> None:
         super().__init__()
         # The decoder loop may read plain attributes of its layers (e.g. ``attention_type`` to pick
         # the sliding-window mask): the stand-in carries them.
@@ -61,9 +66,10 @@ class _Recorder(nn.Module):
             if not key.startswith("_") and key != "training" and not isinstance(value, (nn.Module, torch.Tensor)):
                 setattr(self, key, value)
         self.index, self.sink, self.keep_hidden, self.offload = index, sink, keep_hidden, offload
+        self.keep = keep or offload
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.sink.append((self.index, self.offload(hidden_states) if self.keep_hidden else None,
+        self.sink.append((self.index, self.keep(hidden_states) if self.keep_hidden else None,
                           self.offload(args), self.offload(kwargs)))
         return hidden_states
 
@@ -94,9 +100,55 @@ class Observations:
 
 
 class Method(Protocol):
+    """What the engine drives.  A method whose state changes from layer to layer names the
+    attributes that carry it in ``CARRY`` (tensors, or JSON-able values): a resumed streaming run
+    restores them, so it continues exactly where the killed one stopped."""
+
     def begin(self, engine: CalibrationEngine) -> None: ...
     def process_layer(self, step: LayerStep) -> None: ...
     def end(self, engine: CalibrationEngine) -> None: ...
+
+
+class LayerSource(Protocol):
+    """Where decoder layers live between their turns (see :class:`InMemoryLayers`)."""
+
+    def fetch(self, engine: CalibrationEngine, index: int) -> None:
+        """Make layer ``index`` real, on ``engine.device``."""
+
+    def release(self, engine: CalibrationEngine, index: int, changed: bool) -> None:
+        """Layer ``index``'s turn is over (``changed``: a method has compressed it)."""
+
+    def start(self, engine: CalibrationEngine, method: Method) -> int:
+        """The first layer a run must process (after ``method.begin``): 0, or where a killed run stopped."""
+
+    def finished(self, engine: CalibrationEngine, method: Method, index: int) -> None:
+        """Layer ``index`` is done and released; ``engine.inputs`` are the next layer's inputs."""
+
+
+class InMemoryLayers:
+    """Every layer is in memory; the layer under calibration visits ``engine.device``."""
+
+    def __init__(self) -> None:
+        self.homes: dict[int, torch.device] = {}
+
+    def fetch(self, engine: CalibrationEngine, index: int) -> None:
+        layer = engine.layers[index]
+        self.homes[index] = next(layer.parameters()).device
+        layer.to(engine.device)
+
+    def release(self, engine: CalibrationEngine, index: int, changed: bool) -> None:
+        engine.layers[index].to(self.homes.pop(index))
+
+    def start(self, engine: CalibrationEngine, method: Method) -> int:
+        return 0
+
+    def finished(self, engine: CalibrationEngine, method: Method, index: int) -> None:
+        return None
+
+
+def layer_source(model: nn.Module) -> LayerSource:
+    """The source attached to a streamed model (:func:`slicekit.streaming.load_streamed`), else memory."""
+    return getattr(model, "_slicekit_layer_source", None) or InMemoryLayers()
 
 
 class LayerStep:
@@ -145,14 +197,14 @@ class LayerStep:
                 for fn in callbacks.get(":output", []) if call is not None else ():
                     fn(out)
                 if keep_outputs:
-                    obs.outputs.append(self.engine.offload(out))
+                    obs.outputs.append(self.engine.keep(out))
         return obs
 
     def set_next_inputs(self, tensors: list[torch.Tensor]) -> None:
         """Give the next layer's inputs directly (a method that already has them saves a pass)."""
         if len(tensors) != len(self.inputs):
             raise ValueError("one tensor per calibration batch is required")
-        self._next_inputs = [self.engine.offload(t) for t in tensors]
+        self._next_inputs = [self.engine.keep(t) for t in tensors]
 
     def finish(self) -> None:
         if self._next_inputs is None:
@@ -165,10 +217,14 @@ class CalibrationEngine:
 
     def __init__(self, model: nn.Module, spec: ArchSpec, batches: Sequence[torch.Tensor],
                  device: str | torch.device | None = None, offload_device: str | torch.device = "cpu",
-                 progress: bool = True) -> None:
+                 progress: bool = True, source: LayerSource | None = None, offload_dir: str | None = None) -> None:
         if not batches:
             raise ValueError("calibration needs at least one batch")
         self.model = model
+        self.offload_dir = offload_dir
+        if offload_dir is not None:
+            os.makedirs(offload_dir, exist_ok=True)
+        self.source = source or layer_source(model)
         self.spec = spec
         self.layers: nn.ModuleList = spec.layer_list(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -182,6 +238,26 @@ class CalibrationEngine:
     # ---------------------------------------------------------------- plumbing
     def offload(self, obj: Any) -> Any:
         return _map_tensors(obj, lambda t: t.detach().to(self.offload_device))
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a calibration activation (a layer's inputs or outputs, one batch) waits between
+        passes: host memory, or — with ``offload_dir`` — a file-backed memory map.  The file is
+        unlinked as soon as it is mapped, so its disk space goes with the tensor; its pages are the
+        kernel's to write back and evict, so activations larger than RAM do not need RAM."""
+        t = t.detach()
+        if self.offload_dir is None:
+            return t.to(self.offload_device)
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="act-", suffix=".bin", dir=self.offload_dir)
+        try:
+            os.ftruncate(fd, max(1, t.numel() * t.element_size()))
+            mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        mapped.copy_(t)
+        return mapped
 
     def to_device(self, obj: Any) -> Any:
         return _map_tensors(obj, lambda t: t.to(self.device))
@@ -219,7 +295,7 @@ class CalibrationEngine:
         parent_path, _, attr = self.spec.layers.rpartition(".")
         original = self.layers
         n = len(original)
-        recorders = nn.ModuleList(_Recorder(i, sink, i == 0, self.offload, original[i]) for i in range(n))
+        recorders = nn.ModuleList(_Recorder(i, sink, i == 0, self.offload, original[i], self.keep) for i in range(n))
         self.layer_args = [[] for _ in range(n)]
         # Only the embeddings and the decoder's own preprocessing run: move the non-layer modules.
         setattr(self.model.get_submodule(parent_path), attr, recorders)
@@ -257,35 +333,33 @@ class CalibrationEngine:
 
     def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Transform the current layer inputs in place (e.g. rotate them after the embeddings were)."""
-        self.inputs = [self.offload(fn(x.to(self.device))) for x in self.inputs]
+        self.inputs = [self.keep(fn(x.to(self.device))) for x in self.inputs]
 
     # ---------------------------------------------------------------- the loop
     def run(self, method: Method, desc: str = "layers") -> None:
-        layer_device = {}
         release_memory()
         method.begin(self)
-        for i in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress, leave=False):
-            layer = self.layers[i]
-            layer_device[i] = next(layer.parameters()).device
-            layer.to(self.device)
+        start = self.source.start(self, method)
+        for i in tqdm(range(start, len(self.layers)), desc=desc, disable=not self.progress, leave=False,
+                      initial=start, total=len(self.layers)):
+            self.source.fetch(self, i)
             step = LayerStep(self, i)
             method.process_layer(step)
             step.finish()
             del step
-            self.layers[i].to(layer_device[i])
+            self.source.release(self, i, changed=True)
             release_memory()
+            self.source.finished(self, method, i)
         method.end(self)
 
     def observe(self, grams: Iterable[Point] = (), observers: dict | None = None, desc: str = "observe"):
         """Walk all layers without changing them, yielding ``(index, Observations, inputs)``
         per layer (outputs kept) — for statistics such as layer-importance scores."""
         for i in tqdm(range(len(self.layers)), desc=desc, disable=not self.progress, leave=False):
-            layer = self.layers[i]
-            dev = next(layer.parameters()).device
-            layer.to(self.device)
+            self.source.fetch(self, i)
             step = LayerStep(self, i)
             obs = step.forward(grams=grams, keep_outputs=True, observers=observers)
             yield i, obs, self.inputs
             step.set_next_inputs(obs.outputs)
             step.finish()
-            layer.to(dev)
+            self.source.release(self, i, changed=False)

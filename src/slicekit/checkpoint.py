@@ -78,11 +78,17 @@ def vanilla_config(model: nn.Module, plan: Plan) -> Any | None:
     return cand if want == have else None
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], directory: str, max_shard_size: str | int) -> None:
+def cast_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in the save dtype: floating-point tensors only (index buffers keep their integers)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: str, max_shard_size: str | int,
+                   dtype: torch.dtype | None = None) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    cpu = {k: cast_tensor(v.detach().cpu(), dtype).contiguous() for k, v in tensors.items()}
     split = split_torch_state_dict_into_shards(cpu, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: cpu[n] for n in names}, os.path.join(directory, filename), metadata={"format": "pt"})
@@ -113,6 +119,12 @@ def model_card(info: dict[str, Any]) -> str:
         for key in ("total", "non_embedding", "decoder"):
             o, c = params["original"][key], params["compressed"][key]
             lines.append(f"| {key} | {o:,} | {c:,} | {c / o:.3f} |")
+    if info.get("weights_bytes"):
+        orig = info.get("original_weights_bytes")
+        lines += ["", "## Size on disk", "", f"- Weights: {info['weights_bytes'] / 2**20:,.1f} MiB"
+                  + (f" ({info.get('save_dtype')})" if info.get("save_dtype") else "")]
+        if orig:
+            lines += [f"- Original model's weights: {orig / 2**20:,.1f} MiB"]
     ppl = info.get("perplexity")
     if ppl:
         lines += ["", "## Perplexity", "", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
@@ -158,12 +170,15 @@ def _scrub(obj: Any) -> Any:
 
 def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, Any] | None = None,
          max_shard_size: str | int = DEFAULT_MAX_SHARD, allow_vanilla: bool = True,
-         extra_files: dict[str, bytes] | None = None) -> str:
+         extra_files: dict[str, bytes] | None = None, dtype: torch.dtype | None = None) -> str:
     """Write ``model`` to ``directory`` atomically; returns the format written ("slicekit"/"vanilla").
 
     The shape is the one the pipeline recorded on the model (``model.slicekit``), or the model's
     description.  ``info`` feeds the model card and is stored in ``config.json`` under
     ``slicekit.info``; ``extra_files`` (name → bytes) are written alongside (plots, reports).
+    ``dtype``: write floating-point weights in this dtype (e.g. bfloat16 halves a float32 model's
+    files; the config records it), without changing ``model``.  The model card states the weight
+    bytes written next to ``info["original_weights_bytes"]`` when given.
     Nothing written names a local absolute path.
     """
     directory = os.path.abspath(directory)
@@ -176,6 +191,9 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
         raise SlicekitError(f"output path {directory} exists and is not a directory")
     if not os.access(parent, os.W_OK):
         raise SlicekitError(f"cannot write to {parent}: permission denied")
+    from slicekit.streaming import source_of
+
+    stream = source_of(model)  # a streamed model's layers are already written, shard by shard
     meta = dict(getattr(model, "slicekit", None) or {})
     plan = Plan.from_shape(model.config, meta["shape"]) if "shape" in meta else Plan.of(model)
     info = _scrub(_jsonable({**meta.get("info", {}), **(info or {})}))
@@ -191,12 +209,24 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
         if vanilla is not None:
             vanilla.use_cache = True
             vanilla.architectures = [type(model).__name__]
+            if dtype is not None:
+                vanilla.dtype = dtype
             vanilla.save_pretrained(tmp)
-            _write_weights({n: p.detach() for n, p in model.named_parameters()}, tmp, max_shard_size)
+            if stream is not None:
+                stream.write_weights(model, tmp)
+            else:
+                _write_weights({n: p.detach() for n, p in model.named_parameters()}, tmp, max_shard_size, dtype)
         else:
             mk.attach(model, {**meta, "shape": plan.shape(), "info": info})
-            _write_weights(mk.checkpoint_tensors(model), tmp, max_shard_size)
+            if stream is not None:
+                stream.write_weights(model, tmp)
+            else:
+                _write_weights(mk.checkpoint_tensors(model), tmp, max_shard_size, dtype)
             mk.write_slicekit_files(model, tmp)
+            if dtype is not None:
+                _set_config_dtype(tmp, dtype)
+        info["weights_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
+                                    if f.endswith(".safetensors"))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -207,6 +237,8 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
             with open(os.path.join(tmp, name), "wb") as fh:
                 fh.write(data)
         _swap_into_place(tmp, directory)
+        if stream is not None:
+            stream.cleanup()  # only once the output is in place
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
@@ -220,6 +252,19 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
             raise SlicekitError(f"cannot write {directory}: {write_error_reason(err)}; nothing was changed") from err
         raise
     return fmt
+
+
+def _set_config_dtype(directory: str, dtype: torch.dtype) -> None:
+    """Record the save dtype in a slicekit ``config.json`` (its base config is what loaders read)."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as fh:
+        cfg = json.load(fh)
+    name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = name
+    if isinstance(cfg.get("base_config"), dict):
+        cfg["base_config"]["dtype"] = name
+    with open(path, "w") as fh:
+        json.dump(cfg, fh, indent=2)
 
 
 def _save_tokenizer(tokenizer: Any, directory: str) -> None:

@@ -30,6 +30,9 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local directory, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--device-map", default=None,
+                   help="auto, balanced, sequential or FILE.json: spread the model over the visible GPUs (and the "
+                        "CPU) with accelerate instead of --device")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -137,6 +140,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tied_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
         "compressed": getattr(model, "slicekit", None) is not None,
     }
+    from slicekit.models import resolve_model
+
+    src = resolve_model(args.model)
+    # vanilla: a plain config of the family, which any engine that reads standard checkpoints serves
+    info["format"] = {"slicekit": "slicekit (custom shape: trust_remote_code=True or slicekit.load)",
+                      "packed": "packed (slicekit unpack, or slicekit.load)",
+                      "gguf": "gguf"}.get(src.kind, "vanilla (plain config, no remote code)")
+    if src.kind == "dir" and os.path.isfile(os.path.join(src.path, "recipe.json")):
+        info["compressed"] = True  # a slicekit output whose shape the plain config describes
     try:
         spec = get_arch(cfg)
     except UnsupportedArchitectureError:
@@ -198,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         return _eval_tasks(args)
     source = load_text(args.dataset, args.split, purpose="eval")
-    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False, device_map=args.device_map)
     res = perplexity(model, tok, source, args.seqlen, args.max_windows, args.batch_size, progress=not args.quiet)
     d = res.as_dict()
     _out(d, args.json, f"perplexity {res.ppl:.4f} on {res.dataset}: {res.windows} windows × {res.seqlen} tokens "
@@ -223,9 +235,10 @@ def _eval_tasks(args: argparse.Namespace) -> int:
                 dense = ZeroShotResult.from_dict(json.load(fh))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SlicekitError(f"cannot read --dense-json {args.dense_json}: {err}") from err
-    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False)
+    model, tok = load_model(args.model, args.dtype, args.device, require_adapter=False, device_map=args.device_map)
     res = evaluate_tasks(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
-                         num_fewshot=args.num_fewshot, device=args.device, progress=not args.quiet)
+                         num_fewshot=args.num_fewshot, device=None if args.device_map else args.device,
+                         progress=not args.quiet)
     out = res.as_dict()
     if dense is not None:
         out["retention"] = res.retention(dense)
@@ -283,15 +296,39 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slicekit.validate import preflight
 
     preflight(args, cal)  # arguments, context, dtype/device, output location and space: before any loading
+    if args.device_map:
+        raise SlicekitError("compress already keeps only the layer under compression on --device (e.g. cuda) and "
+                            "the rest in host memory; --device-map is for eval, bench and recover")
+    if args.dry_run:
+        return _dry_run(args, config, cal)
+    if args.stream:
+        if not args.out:
+            raise SlicekitError("--stream writes each compressed layer as it goes: give --out DIR")
+        if args.eval:
+            raise SlicekitError("--stream never holds the whole model, so it cannot evaluate it; evaluate the "
+                                "output afterwards: `slicekit eval --model OUT`")
+    elif args.restart:
+        raise SlicekitError("--restart discards the partial work of a --stream run; it needs --stream")
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
-    model, tok = load_model(args.model, args.dtype, args.device)
+    if args.stream:
+        from slicekit.models import parse_dtype
+        from slicekit.streaming import load_streamed, stream_source_dir
+
+        model, tok = load_streamed(stream_source_dir(args.model), parse_dtype(args.dtype))
+        if args.save_dtype:
+            from slicekit.streaming import source_of
+
+            source_of(model).save_dtype = parse_dtype(args.save_dtype)
+    else:
+        model, tok = load_model(args.model, args.dtype, args.device)
     ppl_rows = []
     windows = None
     if eval_source is not None:  # tokenised once, scored before and after
         windows = eval_windows(tok, eval_source, args.eval_seqlen, args.eval_max_windows)
         r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
         ppl_rows.append({"model": "original", **r.as_dict()})
-    report = compress(model, tok, args.method, config, cal, device=args.device, progress=not args.quiet)
+    report = compress(model, tok, args.method, config, cal, device=args.device, progress=not args.quiet,
+                      out_dir=args.out if args.stream else None, restart=args.restart, offload_dir=args.offload_dir)
     if windows is not None:
         r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
         ppl_rows.append({"model": "compressed", **r.as_dict()})
@@ -316,7 +353,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         files = {"recipe.json": json.dumps(recipe_out, indent=2).encode()}
         if png:
             files["layer_widths.png"] = png
-        out["format"] = save(model, tok, args.out, info=info, extra_files=files)
+        from slicekit.models import parse_dtype, weights_file_bytes
+
+        info["original_weights_bytes"] = weights_file_bytes(args.model)
+        info["save_dtype"] = args.save_dtype
+        out["format"] = save(model, tok, args.out, info=info, extra_files=files,
+                             dtype=parse_dtype(args.save_dtype) if args.save_dtype else None)
+        out["weights_bytes"] = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
+                                   if f.endswith(".safetensors"))
+        out["original_weights_bytes"] = info["original_weights_bytes"]
         out["out"] = os.path.abspath(args.out)
     po, pc = report.params_original, report.params_compressed
     lines = [f"method {args.method}: {json.dumps(report.settings)}", f"calibration: {report.calibration}",
@@ -329,8 +374,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for row in ppl_rows:
         lines.append(f"perplexity {row['model']:>10}: {row['ppl']:.4f} ({row['windows']} × {row['seqlen']} tokens of {row['dataset']})")
     if args.out:
-        lines.append(f"saved ({out['format']} format) to {out['out']}")
+        lines.append(f"saved ({out['format']} format) to {out['out']}: weights {out['weights_bytes'] / 2**20:,.1f} MiB"
+                     + (f" (original files {out['original_weights_bytes'] / 2**20:,.1f} MiB)"
+                        if out.get("original_weights_bytes") else ""))
+    from slicekit.memory import process_peak_rss
+
+    out["process_peak_rss_mib"] = process_peak_rss() / 2**20
+    lines.append(f"process peak RSS (loading, compression and saving): {out['process_peak_rss_mib']:,.0f} MiB"
+                 + (" — streamed layer by layer" if args.stream else ""))
     _out(out, args.json, "\n".join(lines))
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, config: Any, cal: Any) -> int:
+    """Predicted peak memory and time of this compression, before any weight is read."""
+    from slicekit.memory import predict
+    from slicekit.models import parse_dtype
+
+    pred = predict(args.model, args.method, config, cal.nsamples, cal.seqlen, cal.batch_size,
+                   parse_dtype(args.dtype), args.device, stream=args.stream)
+    _out({"dry_run": pred.as_dict(), "model": args.model, "method": args.method}, args.json, pred.describe())
     return 0
 
 
@@ -338,9 +401,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from slicekit.bench import BenchSettings, bench_models, linear_flops_per_token, ratios
     from slicekit.models import load_model
 
-    models = {"model": load_model(args.model, args.dtype, args.device, require_tokenizer=False, require_adapter=False)[0]}
+    models = {"model": load_model(args.model, args.dtype, args.device, require_tokenizer=False, require_adapter=False,
+                                  device_map=args.device_map)[0]}
     if args.baseline:
-        models["baseline"] = load_model(args.baseline, args.dtype, args.device, require_tokenizer=False,
+        models["baseline"] = load_model(args.baseline, args.dtype, args.device, device_map=args.device_map,
+                                        require_tokenizer=False,
                                         require_adapter=False)[0]
     settings = BenchSettings(repeats=args.repeats, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                              threads=args.threads)
@@ -402,11 +467,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     preflight(args)
     eval_source = load_text(args.eval_dataset, None, purpose="eval") if args.eval else None
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device, device_map=args.device_map)
     teacher = None
     if args.teacher:
         def teacher() -> Any:
-            return load_model(args.teacher, args.dtype, args.device)[0]
+            return load_model(args.teacher, args.dtype, args.device, device_map=args.device_map)[0]
     rows = []
     windows = None
     if eval_source is not None:
@@ -563,6 +628,17 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=None, help="default 2048, or the model's context if shorter")
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--stream", action="store_true",
+                   help="read the layers one at a time from the model's safetensors shards and write each compressed "
+                        "layer at once: memory independent of depth; a killed run resumes when rerun")
+    p.add_argument("--restart", action="store_true", help="--stream: discard the partial work of an earlier run")
+    p.add_argument("--offload-dir", default=None,
+                   help="keep the calibration activations in memory-mapped files here instead of RAM (for "
+                        "calibration sets larger than memory)")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="write the output's weights in this dtype (default: the dtype computed in, --dtype)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the predicted peak memory and time of this compression, read no weights, and stop")
     _add_method_options(p, method or "slicegpt")
     p.set_defaults(func=cmd_compress)
 

@@ -1,14 +1,16 @@
 """Export of vanilla-shaped Llama-family models to GGUF, the file format llama.cpp (and Ollama,
 LM Studio, …) run.
 
-Only a *vanilla* model can be exported: a plain config of a supported ``model_type`` whose
-tensors all have the shapes that config implies (uniform per-layer widths — MLP width, KV
-groups, head dimension, hidden size — are fine, they are just a smaller config).  GGUF has one
+Only a *vanilla* model can be exported: a plain config of a family whose table row in
+:mod:`slicekit.arch` has a ``gguf`` entry, with tensors that all have the shapes that config
+implies (uniform per-layer widths — MLP width, KV groups, head dimension, hidden size — are fine,
+they are just a smaller config).  GGUF has one
 set of hyper-parameters per file, so per-layer widths or slicekit's extra modules (shortcut
 matrices, reduced attention) have no representation in it.
 
 What is written follows llama.cpp's own converter (``convert_hf_to_gguf.py``), because that is
-what every GGUF reader expects:
+what every GGUF reader expects (the per-family facts — GGUF architecture, Q/K permutation, biases,
+head dimension, sliding window — are :class:`slicekit.arch.GGUFSpec`, in the architecture table):
 
 - tensor names come from the ``gguf`` package's tables (``gguf.get_tensor_name_map``), never
   spelled out here;
@@ -38,34 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from slicekit.arch import (
+    GGUFSpec,
+    attention_info,
+    get_arch,
+    gguf_spec,
+    is_slicekit_format,
+    mlp_width,
+    model_type_of,
+)
 from slicekit.errors import SlicekitError
-
-
-@dataclass(frozen=True)
-class GGUFFamily:
-    """How one Hugging Face ``model_type`` maps onto a GGUF architecture.
-
-    ``permute_qk``: llama.cpp's converter reorders Q/K rows for this architecture (and readers
-    reverse it).  ``qkv_bias``: the family always has Q/K/V biases (Qwen2), so they are part of
-    the architecture rather than an optional extra.  ``custom_head_dim``: a head dimension other
-    than ``hidden_size / num_attention_heads`` survives the round trip through transformers'
-    GGUF loader (for ``llama`` it reads it back from ``rope.dimension_count``; for ``qwen2`` it
-    does not read it at all).
-    """
-
-    gguf_arch: str
-    permute_qk: bool
-    qkv_bias: bool
-    custom_head_dim: bool
-
-
-#: ``model_type`` → GGUF facts.  Mistral is the ``llama`` architecture in GGUF (llama.cpp's
-#: converter does the same); its sliding window has no GGUF key and is dropped (see notes).
-GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    "llama": GGUFFamily("llama", permute_qk=True, qkv_bias=False, custom_head_dim=True),
-    "mistral": GGUFFamily("llama", permute_qk=True, qkv_bias=False, custom_head_dim=True),
-    "qwen2": GGUFFamily("qwen2", permute_qk=False, qkv_bias=True, custom_head_dim=False),
-}
 
 #: What a user with a slicekit-format (remote-code) checkpoint should do to get an exportable one.
 VANILLA_HINT = ("compress with uniform per-layer widths so that the output is saved with a vanilla config "
@@ -98,10 +82,6 @@ class ExportReport:
         return text + "".join(f"\nnote: {n}" for n in self.notes)
 
 
-def supported_model_types() -> list[str]:
-    return sorted(GGUF_FAMILIES)
-
-
 def export_gguf(model_dir_or_model: str | os.PathLike[str] | nn.Module, out_path: str | os.PathLike[str],
                 dtype: str = "f32", tokenizer: Any = None, *, name: str | None = None,
                 tokenizer_pre: str | None = None) -> ExportReport:
@@ -122,7 +102,7 @@ def export_gguf(model_dir_or_model: str | os.PathLike[str] | nn.Module, out_path
         raise SlicekitError(f"GGUF output {out_path} is a directory; give a file name ending in .gguf")
     model, tokenizer, default_name = _load_source(model_dir_or_model, tokenizer)
     family = check_exportable(model)
-    notes = _notes(model)
+    notes = _notes(model, family)
     vocab = _tokenizer_vocab(tokenizer, int(model.config.vocab_size), tokenizer_pre)
     notes += vocab.notes
     name = name or default_name
@@ -143,7 +123,7 @@ def _load_source(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
                                 "pass tokenizer=")
         path = getattr(source.config, "_name_or_path", "") or ""
         base = os.path.basename(os.path.normpath(path)) if path else ""
-        return source, tokenizer, base or f"slicekit-{source.config.model_type}"
+        return source, tokenizer, base or f"slicekit-{model_type_of(source.config)}"
     directory = os.fspath(source)
     if not os.path.isdir(directory):
         raise SlicekitError(f"no such model directory: {directory}")
@@ -155,15 +135,11 @@ def _load_source(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
             raw = json.load(fh)
     except json.JSONDecodeError as err:
         raise SlicekitError(f"{cfg_path} is not valid JSON: {err}") from err
-    model_type = raw.get("model_type")
-    # slicekit format: a base_config next to the shape (vanilla outputs carry only slicekit info keys);
-    # format-1 checkpoints said so by their model_type
-    if "base_config" in raw or model_type == "slicekit":
+    # vanilla outputs carry only slicekit info keys; a slicekit-format file has its own config
+    if is_slicekit_format(raw):
         raise SlicekitError(f"{directory} is a slicekit-format checkpoint (per-layer shapes, remote code); "
                             f"GGUF export needs a vanilla-shaped output: {VANILLA_HINT}")
-    if model_type not in GGUF_FAMILIES:
-        raise SlicekitError(f"GGUF export supports model types {', '.join(supported_model_types())}; "
-                            f"{directory} is {model_type!r}")
+    gguf_spec(raw, source=directory)  # refuses families GGUF export does not know before loading any weight
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -180,10 +156,6 @@ def _load_source(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
     return model.eval(), tokenizer, os.path.basename(os.path.normpath(directory))
 
 
-def _head_dim(config: Any) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-
-
 def _rope(config: Any) -> dict[str, Any]:
     """RoPE settings whether the config is transformers 5 (``rope_parameters``) or older."""
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
@@ -193,27 +165,23 @@ def _rope(config: Any) -> dict[str, Any]:
     return rope
 
 
-def check_exportable(model: nn.Module) -> GGUFFamily:
-    """The GGUF family of ``model``, or a :class:`SlicekitError` saying why it cannot be exported.
+def check_exportable(model: nn.Module) -> GGUFSpec:
+    """The GGUF facts of ``model``'s family, or a :class:`SlicekitError` saying why it cannot be exported.
 
-    Beyond the ``model_type``, the model must be exactly what its config builds (same module
+    Beyond the family, the model must be exactly what its config builds (same module
     classes, same tensor names and shapes): a compressed model with per-layer widths or
     replaced modules would otherwise be written under hyper-parameters that do not describe it.
     """
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type == "slicekit":
+    if is_slicekit_format(config):
         raise SlicekitError(f"this is a slicekit-format model; GGUF export needs a vanilla-shaped one: {VANILLA_HINT}")
-    family = GGUF_FAMILIES.get(model_type)
-    if family is None:
-        raise SlicekitError(f"GGUF export supports model types {', '.join(supported_model_types())}; "
-                            f"this model is {model_type!r}")
+    family = gguf_spec(config)
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise SlicekitError(f"GGUF {family.gguf_arch} computes a SiLU-gated MLP; this model uses {act!r}")
     if not family.qkv_bias and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
-        raise SlicekitError(f"GGUF export of {model_type} models with attention/MLP biases is not supported "
-                            "(transformers' GGUF loader would drop the biases)")
+        raise SlicekitError(f"GGUF export of {model_type_of(config)} models with attention/MLP biases is not "
+                            "supported (transformers' GGUF loader would drop the biases)")
     rope = _rope(config)
     if rope["rope_type"] not in ("default", "linear"):
         raise SlicekitError(f"RoPE scaling {rope['rope_type']!r} is not supported by the GGUF export "
@@ -221,11 +189,13 @@ def check_exportable(model: nn.Module) -> GGUFFamily:
     if getattr(config, "partial_rotary_factor", None) not in (None, 1.0) or \
             rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise SlicekitError("GGUF export needs RoPE over the whole head (partial_rotary_factor = 1)")
-    if not family.custom_head_dim and _head_dim(config) * config.num_attention_heads != config.hidden_size:
-        raise SlicekitError(f"{model_type} with head_dim ≠ hidden_size / num_attention_heads cannot be exported: "
-                            "transformers' GGUF loader has no key for it in this architecture")
-    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise SlicekitError("Qwen2 with use_sliding_window=True has no GGUF equivalent")
+    heads = attention_info(config)
+    if not family.custom_head_dim and heads.head_dim * heads.num_heads != config.hidden_size:
+        raise SlicekitError(f"{model_type_of(config)} with head_dim ≠ hidden_size / num_attention_heads cannot be "
+                            "exported: transformers' GGUF loader has no key for it in this architecture")
+    refusal = family.window_refusal(config)
+    if refusal is not None:
+        raise SlicekitError(refusal)
     _check_built_by_config(model)
     return family
 
@@ -253,11 +223,11 @@ def _check_built_by_config(model: nn.Module) -> None:
                             f"GGUF export needs a vanilla-shaped model: {VANILLA_HINT}")
 
 
-def _notes(model: nn.Module) -> list[str]:
+def _notes(model: nn.Module, family: GGUFSpec) -> list[str]:
     config = model.config
     notes = []
-    window = getattr(config, "sliding_window", None)
-    if config.model_type == "mistral" and window and window < config.max_position_embeddings:
+    window = family.dropped_window(config)
+    if window is not None:
         notes.append(f"the sliding attention window ({window}) has no GGUF key: the exported model attends to "
                      f"the whole context, which equals the source only for sequences ≤ {window} tokens")
     if _rope(config)["rope_type"] == "linear":
@@ -279,7 +249,7 @@ def _permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(model: nn.Module, family: GGUFFamily) -> list[tuple[str, str]]:
+def _gguf_tensors(model: nn.Module, family: GGUFSpec) -> list[tuple[str, str]]:
     """``(gguf name, HF name)`` for every tensor to write, in state-dict order."""
     import gguf
 
@@ -298,15 +268,16 @@ def _gguf_tensors(model: nn.Module, family: GGUFFamily) -> list[tuple[str, str]]
     return names
 
 
-def _tensor_data(model: nn.Module, hf_name: str, family: GGUFFamily) -> np.ndarray:
+def _tensor_data(model: nn.Module, hf_name: str, family: GGUFSpec) -> np.ndarray:
     """The float32 array llama.cpp expects for ``hf_name`` (Q/K rows permuted where needed)."""
     config = model.config
     w = model.get_parameter(hf_name).detach().to("cpu", torch.float32)
     if family.permute_qk:
-        if ".self_attn.q_proj." in hf_name:
-            w = _permute_qk(w, config.num_attention_heads)
-        elif ".self_attn.k_proj." in hf_name:
-            w = _permute_qk(w, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        block, heads = get_arch(config).block, attention_info(config)
+        if f".{block.attn}.{block.attn_q}." in hf_name:
+            w = _permute_qk(w, heads.num_heads)
+        elif f".{block.attn}.{block.attn_k}." in hf_name:
+            w = _permute_qk(w, heads.num_kv_heads)
     return w.contiguous().numpy()
 
 
@@ -430,7 +401,7 @@ def _tokenizer_vocab(tokenizer: Any, vocab_size: int, pre_override: str | None) 
 # writing
 
 
-def _write(model: nn.Module, family: GGUFFamily, vocab: _Vocab, kind: str, out_path: str, name: str,
+def _write(model: nn.Module, family: GGUFSpec, vocab: _Vocab, kind: str, out_path: str, name: str,
            notes: list[str]) -> ExportReport:
     import gguf
 
@@ -439,9 +410,8 @@ def _write(model: nn.Module, family: GGUFFamily, vocab: _Vocab, kind: str, out_p
              "bf16": gguf.GGMLQuantizationType.BF16}[kind]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[kind]
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = _head_dim(config)
+    info = attention_info(config)
+    heads, kv_heads, head_dim = info.num_heads, info.num_kv_heads, info.head_dim
     rope = _rope(config)
 
     writer = gguf.GGUFWriter(None, family.gguf_arch)
@@ -450,7 +420,7 @@ def _write(model: nn.Module, family: GGUFFamily, vocab: _Vocab, kind: str, out_p
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_feed_forward_length(mlp_width(config))
     writer.add_head_count(int(heads))
     writer.add_head_count_kv(int(kv_heads))
     if head_dim * heads != config.hidden_size:  # llama.cpp otherwise derives it as embedding / heads
@@ -516,6 +486,6 @@ def _write(model: nn.Module, family: GGUFFamily, vocab: _Vocab, kind: str, out_p
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return ExportReport(path=out_path, architecture=family.gguf_arch, model_type=config.model_type, dtype=kind,
-                        tensors=len(plan), parameters=sum(n for *_, n in plan),
+    return ExportReport(path=out_path, architecture=family.gguf_arch, model_type=model_type_of(config),
+                        dtype=kind, tensors=len(plan), parameters=sum(n for *_, n in plan),
                         file_bytes=os.path.getsize(out_path), tokenizer=f"gpt2/{vocab.pre}", notes=notes)

@@ -152,43 +152,61 @@ def is_invariant(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def make_invariant(model: nn.Module, spec: ArchSpec | None = None) -> nn.Module:
-    """Apply the invariance transforms in place (idempotent) and return the model."""
+def make_invariant(model: nn.Module, spec: ArchSpec | None = None, layers: bool = True) -> nn.Module:
+    """Apply the invariance transforms in place (idempotent) and return the model.
+
+    ``layers=False`` transforms only what lies outside the decoder layers (head, final norm,
+    embeddings); :func:`make_layer_invariant` then does each layer when its turn comes — a
+    streamed model (:mod:`slicekit.streaming`) has one layer in memory at a time, and the result
+    is the same because every transform touches one layer (or the outer modules) only.
+    """
     spec = spec or get_arch(model.config)
     if is_invariant(model):
         return model
     check_invariant_family(spec)
+    if not isinstance(model.get_submodule(spec.final_norm), UnitRMSNorm):
+        hidden = model.config.hidden_size
+        head = model.get_submodule(spec.head)
+        if _is_tied(model, spec):
+            untie_head(model, spec.head)
+        if spec.norm_kind == "layer":
+            for emb in spec.embeddings(model):
+                emb.weight.data = center_rows(emb.weight.data).to(emb.weight.dtype)
+        final_norm = model.get_submodule(spec.final_norm)
+        eps = _fold(final_norm, [head], spec.norm_offset)
+        parent, _, name = spec.final_norm.rpartition(".")
+        setattr(model.get_submodule(parent), name, UnitRMSNorm(hidden, hidden, eps))
+    if layers:
+        for i in range(len(spec.layer_list(model))):
+            make_layer_invariant(model, i, spec)
+    return model
+
+
+@torch.no_grad()
+def make_layer_invariant(model: nn.Module, index: int, spec: ArchSpec | None = None) -> None:
+    """The invariance transforms of decoder layer ``index`` (idempotent): centred writers for
+    LayerNorm families, norms folded into their readers, the layer made a residual block."""
+    spec = spec or get_arch(model.config)
+    layer = spec.layer_list(model)[index]
+    if isinstance(layer, SlicedLayer):
+        return
     off = spec.norm_offset
     hidden = model.config.hidden_size
-    head = model.get_submodule(spec.head)
-    if _is_tied(model, spec):
-        untie_head(model, spec.head)
     b = spec.block
-    layers = spec.layer_list(model)
     if spec.norm_kind == "layer":
-        for emb in spec.embeddings(model):
-            emb.weight.data = center_rows(emb.weight.data).to(emb.weight.dtype)
-        for layer in layers:
-            _center_writer(layer.get_submodule(b.attn_writer))
-            _center_writer(layer.get_submodule(b.mlp_writer))
-    bspec = block_spec(model.config)
-    for layer in layers:
-        attn_readers = [layer.get_submodule(n) for n in b.attn_readers]
-        mlp_readers = [layer.get_submodule(n) for n in b.mlp_readers]
-        if b.mlp_norm is None:  # one norm feeds attention and MLP (Phi-2)
-            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers + mlp_readers, off)
-            setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
-        else:
-            eps = _fold(layer.get_submodule(b.attn_norm), attn_readers, off)
-            setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
-            eps = _fold(layer.get_submodule(b.mlp_norm), mlp_readers, off)
-            setattr(layer, b.mlp_norm, UnitRMSNorm(hidden, hidden, eps))
-        make_block(layer, bspec)
-    final_norm = model.get_submodule(spec.final_norm)
-    eps = _fold(final_norm, [head], off)
-    parent, _, name = spec.final_norm.rpartition(".")
-    setattr(model.get_submodule(parent), name, UnitRMSNorm(hidden, hidden, eps))
-    return model
+        _center_writer(layer.get_submodule(b.attn_writer))
+        _center_writer(layer.get_submodule(b.mlp_writer))
+    attn_readers = [layer.get_submodule(n) for n in b.attn_readers]
+    mlp_readers = [layer.get_submodule(n) for n in b.mlp_readers]
+    if b.mlp_norm is None:  # one norm feeds attention and MLP (Phi-2)
+        eps = _fold(layer.get_submodule(b.attn_norm), attn_readers + mlp_readers, off)
+        setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
+    else:
+        eps = _fold(layer.get_submodule(b.attn_norm), attn_readers, off)
+        setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
+        eps = _fold(layer.get_submodule(b.mlp_norm), mlp_readers, off)
+        setattr(layer, b.mlp_norm, UnitRMSNorm(hidden, hidden, eps))
+    make_block(layer, block_spec(model.config))
 
 
 # ------------------------------------------------------------------ output (sandwich / post) norms

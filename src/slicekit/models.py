@@ -82,8 +82,12 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
-               require_tokenizer: bool = True, require_adapter: bool = True) -> tuple[nn.Module, object]:
+               require_tokenizer: bool = True, require_adapter: bool = True,
+               device_map: str | None = None) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode.
+
+    ``device_map`` ("auto", "balanced", "sequential" or a JSON file of module → device) spreads
+    the model over the visible devices with accelerate (:func:`dispatch`), instead of ``device``.
 
     GGUF weights are dequantised by transformers; the result is re-created as a plain model so
     that no ``quantization_config`` (which transformers attaches to GGUF loads) follows it into
@@ -98,9 +102,9 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
     if src.kind in ("slicekit", "packed"):
         from slicekit.checkpoint import load
 
-        model, tok = load(src.path, dtype=torch_dtype, device=device)
+        model, tok = load(src.path, dtype=torch_dtype, device="cpu" if device_map else device)
         check_finite_model(model, spec)
-        return model, tok
+        return (dispatch(model, device_map) if device_map else model), tok
     from transformers import AutoConfig
 
     from slicekit.arch import get_arch
@@ -133,10 +137,60 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
         tok = None
     if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
         model = _strip_gguf_quantization(model)
-    model.to(device)
+    model = dispatch(model, device_map) if device_map else model.to(device)
     model.eval()
     model.config.use_cache = False
     return model, tok
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
+    """Spread ``model`` over the visible devices with accelerate — the engine transformers itself
+    uses for ``device_map`` — keeping each decoder layer whole (``_no_split_modules``, which the
+    slicekit loader extends to its compressed layer classes).  Without accelerators everything
+    stays on the CPU, through the same code."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+    except ImportError as err:
+        raise SlicekitError("--device-map needs the accelerate package: pip install accelerate") from err
+    if isinstance(device_map, str) and device_map.endswith(".json"):
+        try:
+            with open(device_map) as fh:
+                device_map = json.load(fh)
+        except (OSError, json.JSONDecodeError) as err:
+            raise SlicekitError(f"cannot read the device map {device_map}: {err}") from err
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise SlicekitError(f"unknown --device-map {device_map!r}: use {', '.join(DEVICE_MAPS)} or a JSON file")
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, dict):
+        raise SlicekitError("a device map must be a JSON object of module name → device")
+    return dispatch_model(model, device_map=dict(device_map))
+
+
+def weights_file_bytes(spec: str) -> int | None:
+    """Bytes of a model's weight files as stored (a GGUF file, or the safetensors shards of a
+    directory); None where unknown (a hub id not downloaded)."""
+    try:
+        src = resolve_model(spec)
+    except SlicekitError:
+        return None
+    if src.gguf_file:
+        return os.path.getsize(os.path.join(src.path, src.gguf_file))
+    if src.kind in ("dir", "slicekit") and os.path.isdir(src.path):
+        files = [f for f in os.listdir(src.path) if f.endswith((".safetensors", ".bin"))]
+        return sum(os.path.getsize(os.path.join(src.path, f)) for f in files) or None
+    if src.kind == "packed":
+        return os.path.getsize(src.path)
+    return None
 
 
 def _strip_gguf_quantization(model: nn.Module) -> nn.Module:

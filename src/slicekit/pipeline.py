@@ -182,13 +182,28 @@ def plan_compression(entry: MethodSpec, model: nn.Module, config: Any, scores: A
 
 def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: CalibrationRequest | None = None,
              device: str | torch.device = "cpu", progress: bool = True,
-             batches: list[torch.Tensor] | None = None) -> CompressReport:
+             batches: list[torch.Tensor] | None = None, out_dir: str | None = None,
+             restart: bool = False, offload_dir: str | None = None) -> CompressReport:
     """Compress ``model`` in place with a registered method; time and memory cover planning and
-    the method itself (calibration sampling excluded, as in the reference's timing)."""
+    the method itself (calibration sampling excluded, as in the reference's timing).
+
+    A streamed model (:func:`slicekit.streaming.load_streamed`) writes each compressed layer to
+    ``out_dir + ".partial"`` as it goes, resuming there if the same run was killed (``restart``
+    discards such partial work); :func:`slicekit.checkpoint.save` to ``out_dir`` completes it.
+    ``offload_dir``: keep the calibration activations there as memory-mapped files, not in RAM."""
+    from slicekit.streaming import source_of
+
     entry = get_method(method)
     if not isinstance(config, entry.config_cls):
         raise SlicekitError(f"{method} takes a {entry.config_cls.__name__}, not a {type(config).__name__}")
     check_supported(entry, model, config)
+    stream = source_of(model)
+    if stream is not None:
+        if entry.needs.scope != "layerwise" or entry.learn is not None or not entry.needs.calibration:
+            raise SlicekitError(f"{method} needs the whole model at once and cannot stream layer by layer; "
+                                "compress without --stream (use --device-map to spread the model over devices)")
+        if out_dir is None:
+            raise SlicekitError("a streamed compression writes its layers as it goes: give the output directory")
     cal = cal or CalibrationRequest()
     description = "none (the method needs no calibration data)"
     if needs_text(entry, config):
@@ -214,8 +229,15 @@ def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: Calibra
                 learned = entry.learn(model, config, MethodContext(batches if entry.needs.calibration else None,
                                                                    device, progress, [], scores))
         run = plan_compression(entry, model, config, scores, learned)
+        if stream is not None:
+            from slicekit import __version__
+
+            stream.prepare(out_dir, {"method": method, "settings": config_to_dict(config), "calibration": asdict(cal),
+                                     "dtype": str(next(model.parameters()).dtype), "device": device.type,
+                                     "slicekit": __version__, "batches": _digest(batches)},
+                           run.plan.shape(), restart=restart)
         ctx = MethodContext(batches if entry.needs.calibration else None, device, progress, run.fractions, scores,
-                            learned)
+                            learned, offload_dir)
         from slicekit.validate import FiniteGuard
 
         # a NaN/inf activation stops the run naming the module, instead of a silently broken model
@@ -235,8 +257,29 @@ def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: Calibra
     from slicekit.modeling_slicekit import attach
 
     attach(model, {"shape": run.plan.shape(), "info": {"method": method, "settings": settings}})
+    if stream is not None:  # its layers are staged on disk: transformers' save_pretrained would copy meta tensors
+        import types
+
+        def _save_streamed(self: nn.Module, save_directory: str, *args: Any, **kwargs: Any) -> None:
+            from slicekit.checkpoint import save
+
+            save(self, None, str(save_directory))
+
+        model.save_pretrained = types.MethodType(_save_streamed, model)
     return CompressReport(method, settings, description, run.original.as_dict(), after.as_dict(), m,
                           run.plan, summary)
+
+
+def _digest(batches: list[torch.Tensor] | None) -> str:
+    """SHA-256 of the calibration token ids: a streamed run resumes only with the same text."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches or []:
+        t = b.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def clone_model(model: nn.Module) -> nn.Module:

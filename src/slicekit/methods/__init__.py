@@ -101,6 +101,7 @@ class MethodContext:
     fractions: list[float] = field(default_factory=list)
     scores: Any = None  # slicekit.scores.LayerScores when the schedule needed them
     learned: Any = None  # what the method's ``learn`` step returned (None: it has none)
+    offload_dir: str | None = None  # calibration activations as memory-mapped files here (--offload-dir)
 
     def engine(self, model: nn.Module):
         """The calibration engine over this run's calibration batches."""
@@ -110,7 +111,7 @@ class MethodContext:
         if not self.calibration:
             raise SlicekitError("this method needs calibration data")
         return CalibrationEngine(model, get_arch(model.config), self.calibration, device=self.device,
-                                 progress=self.progress)
+                                 progress=self.progress, offload_dir=self.offload_dir)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ METHODS: dict[str, MethodSpec] = {}
 #: options `slicekit compress` has for every method: a method's config may not reuse the names
 RESERVED_OPTIONS = frozenset({"model", "dtype", "device", "json", "quiet", "method", "recipe", "seed", "out",
                               "eval", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size",
-                              "cal_strategy", "eval_dataset", "eval_seqlen", "eval_max_windows", "eval_batch_size"})
+                              "cal_strategy", "eval_dataset", "eval_seqlen", "eval_max_windows", "eval_batch_size",
+                              "stream", "restart", "dry_run", "save_dtype", "offload_dir", "device_map"})
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:

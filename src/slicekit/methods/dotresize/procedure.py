@@ -81,6 +81,8 @@ class MergeNeurons:
         self.widths, self.config = widths, config
         self.records: list[dict[str, Any]] = []
 
+    CARRY = ("records",)  # what a resumed streaming run restores
+
     def begin(self, engine: CalibrationEngine) -> None:
         self.spec = engine.spec
 
@@ -127,7 +129,7 @@ def _apply_hidden(model: nn.Module, config: DOTResizeConfig, ctx: MethodContext)
     spec = get_arch(model.config)
     hidden = model.config.hidden_size
     widths = plan_widths(_slicing_config(config), spec, hidden, ctx.fractions)
-    make_invariant(model, spec)
+    make_invariant(model, spec, layers=False)  # each layer is made invariant at its turn
     method = RotateAndSlice(model, spec, widths, 0.0, basis=transport_basis(config))
     ctx.engine(model).run(method, desc="dotresize-hidden")
     n = len(widths.attn_in)

@@ -142,6 +142,8 @@ class PruneAndRestore:
         self.records: list[dict[str, Any]] = []
         self.attributes: dict[str, Any] = {}
 
+    CARRY = ("records",)  # what a resumed streaming run restores
+
     def begin(self, engine: CalibrationEngine) -> None:
         pass
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slicekit.arch import get_arch, linear_weight
+from slicekit.arch import get_arch, linear_weight, model_type_of
 from slicekit.methods import MethodContext
 from slicekit.methods.common import keep_mlp_neurons, mlp_up_weights, plan_mlp_widths
 from slicekit.methods.prunenet.config import PruneNetConfig
@@ -63,7 +63,7 @@ def apply(model: nn.Module, plan_: Plan, config: PruneNetConfig, ctx: MethodCont
                                  **{k: trained[k] for k in ("mean_reward", "seconds") if k in trained}}
             if config.save_policy:
                 save_policy(policy, config.save_policy, {
-                    "model_type": getattr(model.config, "model_type", "?"), "hidden_size": model.config.hidden_size,
+                    "model_type": model_type_of(model.config), "hidden_size": model.config.hidden_size,
                     "target_params": config.target_params, "episodes": config.episodes, "seed": config.policy_seed})
         summary["policy_seconds"] = time.perf_counter() - t0
     with torch.no_grad():

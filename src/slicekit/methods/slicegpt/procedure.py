@@ -16,7 +16,7 @@ from torch import nn
 
 from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
-from slicekit.invariance import invariant_plan, make_invariant
+from slicekit.invariance import invariant_plan, make_invariant, make_layer_invariant
 from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer
 from slicekit.methods import MethodContext
 from slicekit.methods.slicegpt.config import SliceGPTConfig
@@ -157,7 +157,11 @@ class RotateAndSlice:
         engine.map_inputs(lambda x: (x.double() @ q[:, :d0].to(x.device)).to(x.dtype))
         self.q, self.width = q, d0
 
+    #: what a resumed streaming run restores (see :class:`slicekit.calibration.Method`)
+    CARRY = ("q", "width", "eigenvalues")
+
     def process_layer(self, step: LayerStep) -> None:
+        make_layer_invariant(self.model, step.index, self.spec)
         layer, b, i, hidden = step.layer, self.spec.block, step.index, self.hidden
         q_in, d_in = self.q.to(step.device), self.width
         d_out = self.plan.out_width(i)
@@ -215,6 +219,10 @@ def plan(model: nn.Module, config: SliceGPTConfig, fractions: list[float]) -> Pl
     every reader and writer of the stream and adds the shortcut matrices (square where the
     widths agree, rectangular where a schedule changes the width).
     """
+    if config.rotation == "global":
+        from slicekit.methods.slicegpt.global_rotation import plan_global
+
+        return plan_global(model, config, fractions)
     spec = get_arch(model.config)
     b = spec.block
     hidden = model.config.hidden_size
@@ -252,10 +260,14 @@ def plan(model: nn.Module, config: SliceGPTConfig, fractions: list[float]) -> Pl
 
 def apply(model: nn.Module, plan_: Plan, config: SliceGPTConfig, ctx: MethodContext) -> dict:
     """Make ``model`` invariant, then rotate and slice it in place, layer by layer."""
+    if config.rotation == "global":
+        from slicekit.methods.slicegpt.global_rotation import apply_global
+
+        return apply_global(model, plan_, config, ctx)
     spec = get_arch(model.config)
     hidden = model.config.hidden_size
     widths = plan_widths(config, spec, hidden, ctx.fractions)
-    make_invariant(model, spec)
+    make_invariant(model, spec, layers=False)  # each layer is made invariant at its turn
     method = RotateAndSlice(model, spec, widths, config.damping)
     ctx.engine(model).run(method, desc="slicegpt")
     n = len(widths.attn_in)
