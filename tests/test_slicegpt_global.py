@@ -336,3 +336,22 @@ def test_cli_writes_a_vanilla_checkpoint(tmp_path, data_dir):
     info = json.loads(stdout)
     assert info["hidden_size"] == 48 and info["head_dim"] == 16 and info["num_heads"] == 4
     assert info["params"]["decoder"] == res["params"]["compressed"]["decoder"]
+
+
+def test_global_output_exports_to_gguf_exactly(tmp_path):
+    """The plain narrower model is what llama.cpp reads: the F32 GGUF export loads back through
+    transformers' GGUF loader with the same logits (head_dim ≠ hidden/heads is written explicitly)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from slicekit.export import export_gguf
+    from test_export import bpe_tokenizer, tiny_lm
+
+    model = tiny_lm("llama")
+    compress(model, None, "slicegpt", _global(slicing=0.25, round_to=4), batches=tiny_calibration(), progress=False)
+    assert model.config.hidden_size == 48
+    export_gguf(model, tmp_path / "m.gguf", "f32", bpe_tokenizer())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert back.config.hidden_size == 48
+    x = tiny_inputs()
+    assert rel_error(logits(back, x), logits(model, x)) < 1e-5
