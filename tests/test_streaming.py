@@ -372,6 +372,8 @@ def _tiny_gguf(path: Path) -> Path:
         ("no-out", ["--stream"], "--out"),
         ("gguf", ["--stream", "--out", "OUT"], "GGUF"),
         ("missing", ["--stream", "--out", "OUT"], "not found"),
+        ("offload-file", ["--offload-dir", "FILE", "--out", "OUT"], "--offload-dir"),
+        ("prunenet", ["--method", "prunenet", "--stream", "--out", "OUT"], "cannot stream"),
     ],
 )
 def test_cli_stream_refusals(cli_model, data_dir, capsys, tmp_path, case, extra, needle):
@@ -381,7 +383,10 @@ def test_cli_stream_refusals(cli_model, data_dir, capsys, tmp_path, case, extra,
     elif case == "missing":
         model = str(tmp_path / "no-such-model")
     out_dir = tmp_path / "out"
-    rc, _out, err = _cli(capsys, "compress", "--model", model, *FASP_CLI, *[out_dir if a == "OUT" else a for a in extra])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    rc, _out, err = _cli(capsys, "compress", "--model", model, *FASP_CLI,
+                         *[out_dir if a == "OUT" else a_file if a == "FILE" else a for a in extra])
     assert rc == 2
     assert needle in _one_line_error(err)
     assert not out_dir.exists() and not _partial(out_dir).exists()

@@ -296,6 +296,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slicekit.validate import preflight
 
     preflight(args, cal)  # arguments, context, dtype/device, output location and space: before any loading
+    if args.offload_dir:
+        if os.path.exists(args.offload_dir) and not os.path.isdir(args.offload_dir):
+            raise SlicekitError(f"--offload-dir {args.offload_dir} exists and is not a directory")
+        parent = args.offload_dir if os.path.isdir(args.offload_dir) else os.path.dirname(os.path.abspath(args.offload_dir))
+        if not os.access(parent, os.W_OK) and os.path.isdir(parent):
+            raise SlicekitError(f"--offload-dir {args.offload_dir}: cannot write there (permission denied)")
     if args.device_map:
         raise SlicekitError("compress already keeps only the layer under compression on --device (e.g. cuda) and "
                             "the rest in host memory; --device-map is for eval, bench and recover")

@@ -201,7 +201,7 @@ def compress(model: nn.Module, tokenizer, method: str, config: Any, cal: Calibra
     if stream is not None:
         if entry.needs.scope != "layerwise" or entry.learn is not None or not entry.needs.calibration:
             raise SlicekitError(f"{method} needs the whole model at once and cannot stream layer by layer; "
-                                "compress without --stream (use --device-map to spread the model over devices)")
+                                "compress without --stream")
         if out_dir is None:
             raise SlicekitError("a streamed compression writes its layers as it goes: give the output directory")
     cal = cal or CalibrationRequest()
