@@ -186,6 +186,19 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, shared machine")
 
 
+def tensors_digest(tensors) -> str:
+    """SHA-256 over ``(name, tensor)`` pairs (name, dtype, shape, bytes), in name order: equal
+    digests mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(tensors, key=lambda kv: kv[0]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def today() -> str:
     return datetime.date.today().isoformat()
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -64,6 +63,7 @@ from common import (
     evaluation_windows,
     method_config,
     setup,
+    tensors_digest,
     write_result,
 )
 from slicekit.errors import SlicekitError
@@ -107,14 +107,8 @@ def zero_shot(model, tok, args) -> ZeroShotResult:
 
 
 def weights_digest(model) -> str:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): equal digests mean
-    bit-identical models."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """SHA-256 over every parameter and buffer: equal digests mean bit-identical models."""
+    return tensors_digest(model.state_dict().items())
 
 
 def kept_neurons(dense, model) -> list[list[int]]:

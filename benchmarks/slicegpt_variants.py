@@ -28,7 +28,7 @@ from slicekit.bench import BenchSettings, bench_models, linear_flops_per_token, 
 from slicekit.checkpoint import save
 from slicekit.evaluate import perplexity_of_windows
 from slicekit.methods.slicegpt import SliceGPTConfig
-from slicekit.models import count_parameters, load_model
+from slicekit.models import count_parameters, directory_weight_bytes, load_model
 from slicekit.pipeline import compress
 
 VARIANTS = {
@@ -41,10 +41,6 @@ VARIANTS = {
 def ppl_of(model, windows) -> float:
     nll, _ = perplexity_of_windows(model, windows, progress=False)
     return math.exp(nll)
-
-
-def weight_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_counts = count_parameters(dense)
     dense_ppl = ppl_of(dense, windows)
     dense_flops = linear_flops_per_token(dense)
-    rows.append(["dense", None, dense_ppl, dense_counts["total"], dense_counts["decoder"], round(weight_bytes(dense_dir) / 2**20, 1),
+    rows.append(["dense", None, dense_ppl, dense_counts["total"], dense_counts["decoder"], round(directory_weight_bytes(dense_dir) / 2**20, 1),
                  "vanilla", None, None, None, None])
     try:
         for share in [float(s) for s in args.shares.split(",")]:
@@ -75,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 ppl = ppl_of(model, windows)
                 out = os.path.join(work, "out")
                 fmt = save(model, tok, out)
-                size = weight_bytes(out)
+                size = directory_weight_bytes(out)
                 plain_ok = None
                 if fmt == "vanilla":
                     from transformers import AutoModelForCausalLM

@@ -225,8 +225,9 @@ def save(model: nn.Module, tokenizer: Any, directory: str, *, info: dict[str, An
             mk.write_slicekit_files(model, tmp)
             if dtype is not None:
                 _set_config_dtype(tmp, dtype)
-        info["weights_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
-                                    if f.endswith(".safetensors"))
+        from slicekit.models import directory_weight_bytes
+
+        info["weights_bytes"] = directory_weight_bytes(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

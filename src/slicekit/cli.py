@@ -359,14 +359,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         files = {"recipe.json": json.dumps(recipe_out, indent=2).encode()}
         if png:
             files["layer_widths.png"] = png
-        from slicekit.models import parse_dtype, weights_file_bytes
+        from slicekit.models import directory_weight_bytes, parse_dtype, weights_file_bytes
 
         info["original_weights_bytes"] = weights_file_bytes(args.model)
         info["save_dtype"] = args.save_dtype
         out["format"] = save(model, tok, args.out, info=info, extra_files=files,
                              dtype=parse_dtype(args.save_dtype) if args.save_dtype else None)
-        out["weights_bytes"] = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
-                                   if f.endswith(".safetensors"))
+        out["weights_bytes"] = directory_weight_bytes(args.out)
         out["original_weights_bytes"] = info["original_weights_bytes"]
         out["out"] = os.path.abspath(args.out)
     po, pc = report.params_original, report.params_compressed
@@ -383,7 +382,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(f"saved ({out['format']} format) to {out['out']}: weights {out['weights_bytes'] / 2**20:,.1f} MiB"
                      + (f" (original files {out['original_weights_bytes'] / 2**20:,.1f} MiB)"
                         if out.get("original_weights_bytes") else ""))
-    from slicekit.memory import process_peak_rss
+    from slicekit.profiling import process_peak_rss
 
     out["process_peak_rss_mib"] = process_peak_rss() / 2**20
     lines.append(f"process peak RSS (loading, compression and saving): {out['process_peak_rss_mib']:,.0f} MiB"

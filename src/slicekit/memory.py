@@ -98,6 +98,23 @@ def _tokenizer_and_imports(src: Any, method: str) -> None:
         _tokenizer_and_imports.keep = AutoTokenizer.from_pretrained(src.path, **kwargs)  # type: ignore[attr-defined]
 
 
+def _planned(entry: Any, model: Any, config: Any):
+    """The plan the run will apply, made on the meta-device model (a scored schedule is planned
+    as constant: the scores need the weights); None for a method that must learn before it can
+    plan (its plan depends on training)."""
+    import dataclasses
+
+    from slicekit.pipeline import check_supported, plan_compression
+    from slicekit.schedules import needs_scores
+
+    check_supported(entry, model, config)  # the run's refusal, before any weight is read
+    if entry.learn is not None:
+        return None
+    if needs_scores(config.schedule):
+        config = dataclasses.replace(config, schedule="constant")
+    return plan_compression(entry, model, config).plan
+
+
 def _matmul_flops() -> tuple[float, float]:
     """Measured float32 and float64 matmul throughput of this machine (FLOP/s), ~0.2 s."""
     out = []
@@ -141,7 +158,19 @@ def predict(model_spec: str, method: str, config: Any, nsamples: int, seqlen: in
     vocab = int(text.vocab_size)
     tied = bool(text.tie_word_embeddings)
     biggest_matrix = max(p.numel() for p in layers[0].parameters())
-    rotating = method in ("slicegpt",) or (method == "dotresize" and getattr(config, "width", "mlp") == "hidden")
+    # what the run will do, read off the plan it will apply (made here on the meta model, no weights):
+    # a rewritten residual stream (embedding resized) rewrites the vocabulary tables, a resized MLP
+    # means Gram matrices over the MLP width, an untied head is a second table
+    plan = _planned(entry, model, config)
+    rotating = plan is not None and plan.modules[spec.token_embedding]["embedding_dim"] != hidden
+    mlp_changed = plan is None or min(plan.mlp_widths()) < inter
+    untied = plan is not None and tied and not bool(getattr(plan.config, "tie_word_embeddings", False))
+    if plan is not None:
+        from slicekit.shape import count_plan
+
+        kept = count_plan(plan).decoder / max(1, sum(layer_numels))
+    else:
+        kept = 1.0 - float(getattr(config, "target_params", None) or 0.0)
 
     terms: dict[str, int] = {"base": current_rss()}
     on_device = device != "cpu"
@@ -153,11 +182,10 @@ def predict(model_spec: str, method: str, config: Any, nsamples: int, seqlen: in
         # transformers maps safetensors shards into memory: the file pages a calibration pass reads stay
         # resident (reclaimable, but counted in RSS) while any tensor of the shard lives — norms and
         # embeddings a pruning method keeps — beside the rewritten layers (the kept share of each)
-        kept = 1.0 - float(getattr(config, "target_params", None) or 0.25)
         terms["mapped shards"] = int(sum(layer_numels) * s * kept)
     if not on_device or not stream:
         terms["weights"] = weights
-    if rotating and tied:
+    if untied:
         terms["head copy"] = vocab * hidden * s
     if rotating:  # the embedding (then the head) is rewritten into a new table while the old one lives
         terms["table rewrite"] = vocab * hidden * s
@@ -165,7 +193,7 @@ def predict(model_spec: str, method: str, config: Any, nsamples: int, seqlen: in
     act = 3 * tokens * hidden * 4
     per_batch = batch_size * seqlen * (3 * inter + 6 * hidden) * 4 + batch_size * heads * seqlen * seqlen * 4
     terms["activations"] = act + (per_batch if tokens else 0)
-    widest = inter if method in ("fasp", "modegpt", "dotresize") and not rotating else hidden
+    widest = max(inter if mlp_changed else 0, hidden if rotating or not mlp_changed else 0)
     terms["method"] = 4 * widest * widest * 8 + 3 * biggest_matrix * 8
     device_terms: dict[str, int] = {}
     if on_device:
@@ -180,21 +208,3 @@ def predict(model_spec: str, method: str, config: Any, nsamples: int, seqlen: in
     seconds = work32 / f32 + work64 / f64
     return Prediction(host, sum(device_terms.values()), seconds, "streamed" if stream else "in memory", terms,
                       device_terms)
-
-
-def process_peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes.
-
-    Linux's ``VmHWM`` first: ``getrusage``'s ``ru_maxrss`` survives ``exec``, so a command started
-    by a big parent process would report the parent's size as its own peak."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if os.uname().sysname == "Darwin" else peak * 1024

@@ -176,6 +176,12 @@ def dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
     return dispatch_model(model, device_map=dict(device_map))
 
 
+def directory_weight_bytes(directory: str) -> int:
+    """Bytes of the weight files (safetensors, or legacy ``.bin``) in a model directory."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.endswith((".safetensors", ".bin")))
+
+
 def weights_file_bytes(spec: str) -> int | None:
     """Bytes of a model's weight files as stored (a GGUF file, or the safetensors shards of a
     directory); None where unknown (a hub id not downloaded)."""
@@ -186,8 +192,7 @@ def weights_file_bytes(spec: str) -> int | None:
     if src.gguf_file:
         return os.path.getsize(os.path.join(src.path, src.gguf_file))
     if src.kind in ("dir", "slicekit") and os.path.isdir(src.path):
-        files = [f for f in os.listdir(src.path) if f.endswith((".safetensors", ".bin"))]
-        return sum(os.path.getsize(os.path.join(src.path, f)) for f in files) or None
+        return directory_weight_bytes(src.path) or None
     if src.kind == "packed":
         return os.path.getsize(src.path)
     return None

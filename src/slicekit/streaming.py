@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from slicekit.errors import SlicekitError
+from slicekit.modeling_slicekit import _set_tensor, checkpoint_tensors
 
 PROGRESS = "progress.json"
 LAYER_FILE = "model-{index:05d}-of-{total:05d}.safetensors"  # decoder layer ``index - 1``
@@ -81,29 +82,25 @@ class ShardIndex:
 
     @classmethod
     def read(cls, directory: str) -> ShardIndex:
+        """The weight map, from the shards' own headers (the loader's shard listing finds them and
+        refuses an incomplete checkpoint)."""
         from safetensors import SafetensorError, safe_open
 
-        index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index) as fh:
-                    weight_map = dict(json.load(fh)["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise SlicekitError(f"{index} is corrupt ({err}); download the model again") from err
-            missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(directory, f))})
-            if missing:
-                raise SlicekitError(f"{directory} is incomplete: missing shard(s) {', '.join(missing[:3])}")
-            return cls(directory, weight_map)
-        single = os.path.join(directory, "model.safetensors")
-        if not os.path.isfile(single):
-            raise SlicekitError(f"streaming reads safetensors checkpoints, and {directory} has no model.safetensors "
-                                "(or index); convert it with save_pretrained, or compress it in memory without --stream")
+        from slicekit.modeling_slicekit import SlicekitShapeError, _checkpoint_files
+
         try:
-            with safe_open(single, framework="pt") as fh:
-                names = list(fh.keys())
-        except (SafetensorError, OSError) as err:
-            raise SlicekitError(f"cannot read {single} ({err}): the file is corrupt or truncated") from err
-        return cls(directory, dict.fromkeys(names, "model.safetensors"))
+            files = _checkpoint_files(directory)
+        except SlicekitShapeError as err:
+            raise SlicekitError(f"{err}: streaming reads safetensors checkpoints; convert the model with "
+                                "save_pretrained, or compress it in memory without --stream") from err
+        weight_map: dict[str, str] = {}
+        for path in files:
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    weight_map.update(dict.fromkeys(fh.keys(), os.path.basename(path)))
+            except (SafetensorError, OSError) as err:
+                raise SlicekitError(f"cannot read {path} ({err}): the file is corrupt or truncated") from err
+        return cls(directory, weight_map)
 
     def read_tensors(self, names: list[str], dtype: torch.dtype | None, device: torch.device | str = "cpu"
                      ) -> dict[str, torch.Tensor]:
@@ -144,28 +141,16 @@ class ShardIndex:
 
 
 def _layer_names(model: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of everything a checkpoint stores under ``prefix`` (parameters without
-    tied duplicates, persistent buffers)."""
-    module = model.get_submodule(prefix)
-    out = [(f"{prefix}.{n}", p) for n, p in module.named_parameters(remove_duplicate=True)]
-    for mod_name, mod in module.named_modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                out.append((f"{prefix}.{mod_name}.{name}" if mod_name else f"{prefix}.{name}", buf))
-    return out
+    """``(name, tensor)`` of everything a checkpoint stores under ``prefix`` (the loader's rule:
+    parameters without tied duplicates, persistent buffers)."""
+    return [(f"{prefix}.{n}", t) for n, t in checkpoint_tensors(model.get_submodule(prefix)).items()]
 
 
-def _set(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    from slicekit.modeling_slicekit import _set_tensor
-
-    _set_tensor(model, key, tensor)
-
-
-def _to_meta(model: nn.Module, prefix: str) -> None:
+def drop_storage(model: nn.Module, prefix: str) -> None:
     """Drop a layer's storage: every parameter and persistent buffer becomes a meta tensor of the
     same shape (the structure, and so the plan, stays)."""
     for name, tensor in _layer_names(model, prefix):
-        _set(model, name, torch.empty_like(tensor, device="meta"))
+        _set_tensor(model, name, torch.empty_like(tensor, device="meta"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -203,7 +188,7 @@ def load_streamed(directory: str, dtype: torch.dtype | None = torch.float32,
     head_key = f"{spec.head}.weight"
     wanted = [k for k in outer if not (tied and k == head_key and k not in index.weight_map)]
     for key, tensor in index.read_tensors(wanted, dtype).items():
-        _set(model, key, tensor)
+        _set_tensor(model, key, tensor)
     if tied:
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(layer_prefixes)]
@@ -297,7 +282,7 @@ class StreamedLayers:
         names = [n for n, _ in _layer_names(engine.model, self._prefix(index))]
         tensors = self.index.read_tensors(names, self.dtype, engine.device)
         for key, tensor in tensors.items():
-            _set(engine.model, key, tensor)
+            _set_tensor(engine.model, key, tensor)
 
     def release(self, engine: Any, index: int, changed: bool) -> None:
         if changed:
@@ -314,7 +299,7 @@ class StreamedLayers:
             _atomic(final, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
             self.written[index] = final
             del tensors
-        _to_meta(engine.model, self._prefix(index))
+        drop_storage(engine.model, self._prefix(index))
 
     def start(self, engine: Any, method: Any) -> int:
         progress = self._progress()
@@ -379,7 +364,7 @@ class StreamedLayers:
                "attributes": {p: v for p, v in shape.get("attributes", {}).items() if mine(p)}}
         apply_shape(model, sub)
         for i in range(done):
-            _to_meta(model, self._prefix(i))
+            drop_storage(model, self._prefix(i))
 
     # ---- writing the output
     def write_weights(self, model: nn.Module, directory: str) -> None:
@@ -430,14 +415,8 @@ class StreamedLayers:
 
 
 def _all_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """What a checkpoint stores (parameters without tied duplicates, persistent buffers), minus
-    the meta tensors of released layers."""
-    out = list(model.named_parameters(remove_duplicate=True))
-    for mod_name, mod in model.named_modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                out.append((f"{mod_name}.{name}" if mod_name else name, buf))
-    return [(n, t) for n, t in out if t.device.type != "meta"]
+    """What a checkpoint of ``model`` stores, minus the meta tensors of released layers."""
+    return [(n, t) for n, t in checkpoint_tensors(model).items() if t.device.type != "meta"]
 
 
 def _numel(shape: list[int]) -> int:

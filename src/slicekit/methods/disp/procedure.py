@@ -356,6 +356,19 @@ def plan(model: nn.Module, config: DISPConfig, fractions: list[float], learned: 
 
 
 @torch.no_grad()
+
+def _keep_stream(layer: nn.Module, readers: tuple[str, ...], writer: str, read: torch.Tensor,
+                 write: torch.Tensor) -> None:
+    """A half-block reads the stream coordinates ``read`` (its readers' columns) and writes
+    ``write`` (its writer's rows)."""
+    for r in readers:
+        lin = layer.get_submodule(r)
+        set_linear(lin, linear_weight(lin)[:, read].clone())
+    lin = layer.get_submodule(writer)
+    bias = linear_bias(lin)
+    set_linear(lin, linear_weight(lin)[write].clone(), None if bias is None else bias[write].clone())
+
+
 def prune(model: nn.Module, keeps: list[torch.Tensor]) -> None:
     """The surgery: slice every structure's linears to its kept dimensions and give each layer
     that reads or writes a subset of the stream its index buffers."""
@@ -366,21 +379,9 @@ def prune(model: nn.Module, keeps: list[torch.Tensor]) -> None:
     for li, layer in enumerate(arch.layer_list(model)):
         k = dict(zip(STRUCTURES, keeps[5 * li: 5 * li + 5], strict=True))
         dev = next(layer.parameters()).device
-        for r in b.attn_readers:
-            lin = layer.get_submodule(r)
-            set_linear(lin, linear_weight(lin)[:, k["attn_read"].to(dev)].clone())
-        wo = layer.get_submodule(b.attn_writer)
-        rows = k["attn_write"].to(dev)
-        bias = linear_bias(wo)
-        set_linear(wo, linear_weight(wo)[rows].clone(), None if bias is None else bias[rows].clone())
+        _keep_stream(layer, b.attn_readers, b.attn_writer, k["attn_read"].to(dev), k["attn_write"].to(dev))
         keep_mlp_neurons(layer, arch, k["mlp_mid"])
-        for u in b.mlp_up:
-            lin = layer.get_submodule(u)
-            set_linear(lin, linear_weight(lin)[:, k["mlp_read"].to(dev)].clone())
-        down = layer.get_submodule(b.mlp_down)
-        rows = k["mlp_write"].to(dev)
-        bias = linear_bias(down)
-        set_linear(down, linear_weight(down)[rows].clone(), None if bias is None else bias[rows].clone())
+        _keep_stream(layer, b.mlp_up, b.mlp_down, k["mlp_read"].to(dev), k["mlp_write"].to(dev))
         index = {key: k[key] for key in STREAM if k[key].numel() != d}
         if index:
             sizes = {key: (int(index[key].numel()) if key in index else None) for key in STREAM}

@@ -144,7 +144,8 @@ def stream_rotation(model: nn.Module, ctx: MethodContext, damping: float) -> tup
 def apply_global(model: nn.Module, plan_: Plan, config: Any, ctx: MethodContext) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from slicekit.modeling_slicekit import _set_tensor, params_on_meta
+    from slicekit.modeling_slicekit import _set_tensor, checkpoint_tensors, params_on_meta
+    from slicekit.streaming import drop_storage
 
     spec = get_arch(model.config)
     b = spec.block
@@ -191,17 +192,13 @@ def apply_global(model: nn.Module, plan_: Plan, config: Any, ctx: MethodContext)
             put(f"{at(wname)}.weight", w, lin.weight)
             if bias is not None:
                 put(f"{at(wname)}.bias", bias, lin.bias)
-        # everything else in the layer (q/k norms inside the heads, q/k/v biases) is unchanged
-        for name, tensor in layer.state_dict().items():
-            key = f"{spec.layer_path(i)}.{name}"
-            parent, _, leaf = key.rpartition(".")
-            if new.get_submodule(parent)._parameters.get(leaf) is not None and \
-                    new.get_submodule(parent)._parameters[leaf].device.type == "meta":
-                put(key, tensor, tensor)
-        for p_name, p in list(layer.named_parameters()):  # the original layer is done: free it
-            parent, _, leaf = p_name.rpartition(".")
-            (layer.get_submodule(parent) if parent else layer)._parameters[leaf] = nn.Parameter(
-                torch.empty_like(p, device="meta"), requires_grad=False)
+        # everything else in the layer (q/k norms inside the heads) is unchanged
+        prefix = spec.layer_path(i)
+        done = {n for n, t in new.get_submodule(prefix).named_parameters() if t.device.type != "meta"}
+        for name, tensor in checkpoint_tensors(layer).items():
+            if name not in done:
+                put(f"{prefix}.{name}", tensor, tensor)
+        drop_storage(model, prefix)  # the original layer is done: free it
     final = model.get_submodule(spec.final_norm)
     gamma_f = _gamma(final, off)
     head = model.get_submodule(spec.head)
