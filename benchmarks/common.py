@@ -20,17 +20,24 @@ paths (the data directory, the repository, the home directory) and writes atomic
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import gc
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from slicekit.zeroshot import ZeroShotResult
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -170,6 +177,107 @@ def decoder_share_removed(report) -> float:
     return 1 - report.params_compressed["decoder"] / report.params_original["decoder"]
 
 
+# ---------------------------------------------------------------- rows: compress a copy, evaluate it
+
+#: the zero-shot tasks every quality benchmark runs (local task files, ``slicekit.zeroshot``)
+TASKS = ["piqa", "arc_easy", "winogrande", "hellaswag"]
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def perplexity(model, windows) -> float:
+    from slicekit.evaluate import perplexity_of_windows
+
+    return math.exp(perplexity_of_windows(model, windows, progress=False)[0])
+
+
+def zero_shot(model, tok, args) -> ZeroShotResult:
+    from slicekit.zeroshot import evaluate_tasks
+
+    return evaluate_tasks(model, tok, args.tasks.split(","), limit=args.limit, batch_size=args.zs_batch_size,
+                          progress=False)
+
+
+def wants_zeroshot(args, share: float) -> bool:
+    """Zero-shot runs for the dense model and at the shares in ``--zeroshot-shares``."""
+    return share == 0.0 or any(abs(share - float(x)) < 1e-9 for x in args.zeroshot_shares.split(",") if x)
+
+
+def evaluate_row(name: str, method: str, share: float, model, tok, windows, args, report=None) -> dict[str, Any]:
+    from slicekit.models import count_parameters
+
+    t0 = time.perf_counter()
+    ppl = perplexity(model, windows)
+    t1 = time.perf_counter()
+    zs = zero_shot(model, tok, args) if wants_zeroshot(args, share) else None
+    row: dict[str, Any] = {"name": name, "method": method, "target": share, "params": count_parameters(model),
+                           "ppl": ppl, "zeroshot": None if zs is None else zs.as_dict(), "ppl_seconds": t1 - t0,
+                           "zeroshot_seconds": None if zs is None else zs.seconds,
+                           "threads": torch.get_num_threads()}
+    if report is not None:
+        m = report.measurement
+        row.update(settings=report.settings, seconds=m.seconds, rss_before_mib=m.rss_before / 2**20,
+                   rss_peak_mib=m.rss_peak / 2**20, rss_added_mib=m.rss_added / 2**20,
+                   summary={k: v for k, v in report.summary.items()
+                            if k in ("selection", "merge", "policy", "policy_seconds", "schedule_mean", "training",
+                                      "learned_kept_fraction", "kept_fraction")})
+        widths = report.summary.get("mlp_widths")
+        if widths:
+            row["summary"]["mlp_widths"] = sorted(set(widths))
+    return row
+
+
+def compress_row(name: str, method: str, share: float, settings: dict[str, Any], dense, tok, batches, windows,
+                 args, *, keep: bool = False) -> tuple[dict[str, Any], Any]:
+    """Compress a copy of ``dense`` and evaluate it; returns the row and (with ``keep``) the model."""
+    from slicekit.pipeline import compress
+
+    model = copy.deepcopy(dense)
+    gc.collect()
+    config = method_config(method, share, **settings)
+    log(f"[{name} @ {share:g}] compressing")
+    cpu0 = time.process_time()
+    report = compress(model, tok, method, config, calibration_request(args), progress=False, batches=batches)
+    cpu = time.process_time() - cpu0
+    log(f"[{name} @ {share:g}] {report.measurement.seconds:.1f} s, decoder {report.params_compressed['decoder']:,}; "
+          "evaluating")
+    row = evaluate_row(name, method, share, model, tok, windows, args, report)
+    row["cpu_seconds"] = cpu  # all threads; the wall clock also counts the neighbours on a shared machine
+    row["settings"] = {k: v for k, v in row["settings"].items() if k not in ("save_policy", "policy")}
+    zs = row["zeroshot"]
+    log(f"[{name} @ {share:g}] ppl {row['ppl']:.3f}, zero-shot mean {zs['average'] if zs else None} "
+        f"(ppl {row['ppl_seconds']:.0f} s, zero-shot {row['zeroshot_seconds'] or 0:.0f} s)")
+    if keep:
+        return row, model
+    del model
+    gc.collect()
+    return row, None
+
+
+def zs_of(row: dict[str, Any]) -> ZeroShotResult | None:
+    from slicekit.zeroshot import ZeroShotResult
+
+    return None if row.get("zeroshot") is None else ZeroShotResult.from_dict(row["zeroshot"])
+
+
+def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[str]) -> float | None:
+    """Mean above-chance retention (the library's) over the tasks where the dense model beats
+    chance; None without zero-shot.  A task the dense model does not beat (WinoGrande on few
+    items) has no margin to retain, so it is left out, as the library's error asks, and the
+    notes name it."""
+    if zs is None:
+        return None
+    scored = scored_tasks(dense, tasks)
+    return zs.above_chance_retention(dense, scored) if scored else None
+
+
+def scored_tasks(dense: ZeroShotResult, tasks: list[str]) -> list[str]:
+    """The tasks on which the dense model scores above chance (the only ones with a margin)."""
+    return [t for t in tasks if dense.scores[t].score > dense.scores[t].chance]
+
+
 # ---------------------------------------------------------------- results
 
 def machine() -> str:
@@ -229,6 +337,12 @@ def scrub(obj: Any) -> Any:
             obj = obj.replace(old, new)
         obj = public_text(obj)  # any other absolute path (a reference install, /tmp): its last component
     return obj
+
+
+def same_settings(old: dict[str, Any], args: argparse.Namespace, keys: tuple[str, ...]) -> bool:
+    """Whether a result file's ``settings`` were made with this run's ``keys`` — compared as
+    written (scrubbed of machine paths), so a resumable script recognises its own file."""
+    return all(old.get(k) == scrub(getattr(args, k)) for k in keys)
 
 
 def check_result(doc: dict[str, Any]) -> None:

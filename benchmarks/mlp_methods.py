@@ -47,7 +47,6 @@ import gc
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,23 +55,27 @@ from typing import Any
 import torch
 
 from common import (
+    TASKS,
+    above_chance,
     benchmark_parser,
-    calibration_request,
     calibration_set,
     command_line,
+    compress_row,
+    evaluate_row,
     evaluation_windows,
+    log,
     method_config,
+    same_settings,
+    scored_tasks,
     setup,
     tensors_digest,
+    wants_zeroshot,
     write_result,
+    zs_of,
 )
-from slicekit.errors import SlicekitError
-from slicekit.evaluate import perplexity_of_windows
-from slicekit.models import count_parameters, load_model
+from slicekit.models import load_model
 from slicekit.pipeline import compress
-from slicekit.zeroshot import ZeroShotResult, evaluate_tasks
 
-TASKS = ["piqa", "arc_easy", "winogrande", "hellaswag"]
 #: (row name, method, config settings besides target_params), in the order they run at each share
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("prunenet policy", "prunenet", {"selection": "policy"}),
@@ -88,23 +91,10 @@ REUSE = "prunenet policy reused from 25 %"
 REPEAT = "prunenet policy second run (same seed)"
 #: settings that must match for cached rows to be reused
 CACHE_KEYS = ("model", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size", "seed",
-              "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size", "threads")
+              "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size")
 
 
 # ---------------------------------------------------------------- measurements
-
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
-
-
-def perplexity(model, windows) -> float:
-    return math.exp(perplexity_of_windows(model, windows, progress=False)[0])
-
-
-def zero_shot(model, tok, args) -> ZeroShotResult:
-    return evaluate_tasks(model, tok, args.tasks.split(","), limit=args.limit, batch_size=args.zs_batch_size,
-                          progress=False)
-
 
 def weights_digest(model) -> str:
     """SHA-256 over every parameter and buffer: equal digests mean bit-identical models."""
@@ -155,72 +145,7 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
 
 # ---------------------------------------------------------------- rows
 
-def wants_zeroshot(args, share: float) -> bool:
-    """Zero-shot runs for the dense model and at the shares in ``--zeroshot-shares``."""
-    return share == 0.0 or any(abs(share - float(x)) < 1e-9 for x in args.zeroshot_shares.split(",") if x)
-
-
-def evaluate_row(name: str, method: str, share: float, model, tok, windows, args, report=None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ppl = perplexity(model, windows)
-    t1 = time.perf_counter()
-    zs = zero_shot(model, tok, args) if wants_zeroshot(args, share) else None
-    row: dict[str, Any] = {"name": name, "method": method, "target": share, "params": count_parameters(model),
-                           "ppl": ppl, "zeroshot": None if zs is None else zs.as_dict(), "ppl_seconds": t1 - t0,
-                           "zeroshot_seconds": None if zs is None else zs.seconds}
-    if report is not None:
-        m = report.measurement
-        row.update(settings=report.settings, seconds=m.seconds, rss_before_mib=m.rss_before / 2**20,
-                   rss_peak_mib=m.rss_peak / 2**20, rss_added_mib=m.rss_added / 2**20,
-                   summary={k: v for k, v in report.summary.items()
-                            if k in ("selection", "merge", "policy", "policy_seconds", "schedule_mean")})
-        widths = report.summary.get("mlp_widths")
-        if widths:
-            row["summary"]["mlp_widths"] = sorted(set(widths))
-    return row
-
-
-def compress_row(name: str, method: str, share: float, settings: dict[str, Any], dense, tok, batches, windows,
-                 args, *, keep: bool = False) -> tuple[dict[str, Any], Any]:
-    """Compress a copy of ``dense`` and evaluate it; returns the row and (with ``keep``) the model."""
-    model = copy.deepcopy(dense)
-    gc.collect()
-    config = method_config(method, share, **settings)
-    log(f"[{name} @ {share:g}] compressing")
-    cpu0 = time.process_time()
-    report = compress(model, tok, method, config, calibration_request(args), progress=False, batches=batches)
-    cpu = time.process_time() - cpu0
-    log(f"[{name} @ {share:g}] {report.measurement.seconds:.1f} s, decoder {report.params_compressed['decoder']:,}; "
-          "evaluating")
-    row = evaluate_row(name, method, share, model, tok, windows, args, report)
-    row["cpu_seconds"] = cpu  # all threads; the wall clock also counts the neighbours on a shared machine
-    row["settings"] = {k: v for k, v in row["settings"].items() if k not in ("save_policy", "policy")}
-    zs = row["zeroshot"]
-    log(f"[{name} @ {share:g}] ppl {row['ppl']:.3f}, zero-shot mean {zs['average'] if zs else None} "
-        f"(ppl {row['ppl_seconds']:.0f} s, zero-shot {row['zeroshot_seconds'] or 0:.0f} s)")
-    if keep:
-        return row, model
-    del model
-    gc.collect()
-    return row, None
-
-
 # ---------------------------------------------------------------- tables
-
-def _zs(row: dict[str, Any]) -> ZeroShotResult | None:
-    return None if row.get("zeroshot") is None else ZeroShotResult.from_dict(row["zeroshot"])
-
-
-def _above(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[str]) -> float | None:
-    """Mean above-chance retention (the library's); None without zero-shot, and None where the
-    dense model is at or below chance on a task (then the measure is undefined)."""
-    if zs is None:
-        return None
-    try:
-        return zs.above_chance_retention(dense, tasks)
-    except SlicekitError:  # the dense model is at or below chance on a task (e.g. WinoGrande, few items)
-        return None
-
 
 def _r(v: float | None, digits: int) -> float | None:
     return None if v is None else round(v, digits)
@@ -229,10 +154,10 @@ def _r(v: float | None, digits: int) -> float | None:
 def _cells(row: dict[str, Any], dense: dict[str, Any], tasks: list[str]) -> list[Any]:
     d0 = dense["params"]["decoder"]
     dec = row["params"]["decoder"]
-    zs, zd = _zs(row), _zs(dense)
+    zs, zd = zs_of(row), zs_of(dense)
     scores = [None if zs is None else round(zs.scores[t].score, 4) for t in tasks]
     return [row["name"], row["target"], dec, round(1 - dec / d0, 4), row["params"]["total"], round(row["ppl"], 2),
-            *scores, None if zs is None else round(zs.average(tasks), 4), _r(_above(zs, zd, tasks), 3),
+            *scores, None if zs is None else round(zs.average(tasks), 4), _r(above_chance(zs, zd, tasks), 3),
             None if row.get("seconds") is None else round(row["seconds"], 1),
             None if row.get("cpu_seconds") is None else round(row["cpu_seconds"], 1),
             None if row.get("rss_peak_mib") is None else round(row["rss_peak_mib"]),
@@ -277,8 +202,8 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
     dense = rows.get("dense")
     tables: list[dict[str, Any]] = []
     notes: list[str] = []
+    zd = zs_of(dense) if dense is not None else None
     if dense is not None:
-        zd = _zs(dense)
         cols = ["model", "target", "decoder params", "removed (real)", "total params", "WikiText-2 ppl",
                 *[f"{t} ({zd.scores[t].metric})" for t in tasks], "zero-shot mean", "above-chance retained",
                 "compress s", "compress CPU s", "peak RSS MiB", "added RSS MiB"]
@@ -297,7 +222,7 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
             got = {s: rows.get(f"prunenet {s}@{share:g}") for s in ("policy", "random", "magnitude")}
             if all(got.values()):
                 pn.append([share, *[round(got[s]["ppl"], 2) for s in ("policy", "random", "magnitude")],
-                           *[_r(_above(_zs(got[s]), zd, tasks), 3)
+                           *[_r(above_chance(zs_of(got[s]), zd, tasks), 3)
                              for s in ("policy", "random", "magnitude")],
                            round(extra.get("overlap_policy_magnitude", {}).get(f"{share:g}", float("nan")), 3)])
         if pn:
@@ -313,9 +238,9 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
             if m and d:
                 dr.append([share, m["params"]["decoder"], round(m["ppl"], 2), round(d["ppl"], 2),
                            None if s is None else round(s["ppl"], 2),
-                           _r(_above(_zs(m), zd, tasks), 3),
-                           _r(_above(_zs(d), zd, tasks), 3),
-                           None if s is None else _r(_above(_zs(s), zd, tasks), 3),
+                           _r(above_chance(zs_of(m), zd, tasks), 3),
+                           _r(above_chance(zs_of(d), zd, tasks), 3),
+                           None if s is None else _r(above_chance(zs_of(s), zd, tasks), 3),
                            round(extra.get("overlap_merge_delete", {}).get(f"{share:g}", float("nan")), 4)])
         if dr:
             tables.append({"title": "DOTResize: merging vs deleting at equal width",
@@ -334,8 +259,8 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
                            "rows": [[r["name"], r["params"]["decoder"], round(r["seconds"], 1),
                                      _r(r.get("cpu_seconds"), 1),
                                      round(r["summary"].get("policy_seconds", float("nan")), 1), round(r["ppl"], 2),
-                                     None if _zs(r) is None else round(_zs(r).average(tasks), 4),
-                                     _r(_above(_zs(r), zd, tasks), 3)]
+                                     None if zs_of(r) is None else round(zs_of(r).average(tasks), 4),
+                                     _r(above_chance(zs_of(r), zd, tasks), 3)]
                                     for r in (fresh, reused)]})
         ref = _quality_reference(args, rows, shares)
         if ref is not None:
@@ -352,7 +277,9 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
         f"zero-shot: lm-eval {dense['zeroshot']['lm_eval_version'] if dense else '?'} through "
         f"slicekit.zeroshot.evaluate_tasks, 0-shot, first {args.limit} items of each task from the local files "
         f"(batch size {args.zs_batch_size}); metric acc_norm for piqa/arc_easy/hellaswag, acc for winogrande; "
-        "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance). With "
+        "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
+        + (f", over the tasks where the dense model beats chance (left out: {', '.join(t for t in tasks if t not in scored_tasks(zd, tasks))})"
+           if zd is not None and scored_tasks(zd, tasks) != tasks else "") + ". With "
         f"{args.limit} items a task's accuracy has a standard error of about "
         f"{100 * math.sqrt(0.25 / args.limit):.1f} points: differences of a few points are noise",
         "target = share of decoder parameters removed (every method's target_params against the one counter); "
@@ -366,7 +293,10 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
         "model and evaluation state, so compare 'added'; a shared 2-core CPU under load: compare ratios, "
         "not absolutes",
     ]
-    settings = {k: getattr(args, k) for k in CACHE_KEYS}
+    settings = {k: getattr(args, k) for k in (*CACHE_KEYS, "threads")}
+    threads = sorted({r["threads"] for r in rows.values() if r.get("threads")})
+    if threads:  # rows resumed from an earlier run may have used other thread counts (same numbers to ~1e-6)
+        settings["threads of the rows"] = threads
     settings["shares"] = args.shares
     settings["zeroshot_shares"] = args.zeroshot_shares
     return {"title": "MLP-width methods on SmolLM2-135M: PruneNet and DOTResize next to baselines, FASP and SliceGPT",
@@ -406,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: list[str] = []
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
-        same = all(old.get("settings", {}).get(k) == getattr(args, k) for k in CACHE_KEYS)
+        same = same_settings(old.get("settings", {}), args, CACHE_KEYS)
         if same and "raw" in old:
             rows, extra = old["raw"]["rows"], {**extra, **old["raw"]["extra"]}
             commands = [c for c in old["command"].split(" && ") if c]
@@ -506,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     def tidy() -> None:
         """Drop the kept-neuron masks of a size once its comparisons are done."""
         for share in shares:
-            done = all(f"{n}@{share:g}" in rows for n, _, _ in VARIANTS if wanted(n))
-            if done and (f"{SAME_CHOICE}@{share:g}" in rows or not wanted(SAME_CHOICE)):
+            # a row still to be redone (e.g. one without its zero-shot) is not done: the deletion of the
+            # merge's neurons still needs the merge's masks
+            done = all(not stale(f"{n}@{share:g}", share) for n, _, _ in VARIANTS if wanted(n))
+            if done and (not stale(f"{SAME_CHOICE}@{share:g}", share) or not wanted(SAME_CHOICE)):
                 for n, _, _ in VARIANTS:
                     rows.get(f"{n}@{share:g}", {}).pop("kept", None)
 
@@ -581,11 +513,11 @@ def _observe(rows: dict[str, dict[str, Any]], extra: dict[str, Any], shares: lis
     if dense is None:
         return
     tasks = args.tasks.split(",")
-    zd = _zs(dense)
+    zd = zs_of(dense)
     obs = []
 
     def ret(r: dict[str, Any]) -> float:
-        v = _above(_zs(r), zd, tasks)
+        v = above_chance(zs_of(r), zd, tasks)
         return float("nan") if v is None else v
 
     def tally(a: str, b: str) -> str | None:

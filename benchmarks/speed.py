@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(available_methods()))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--share", type=float, default=0.25, help="share of decoder parameters removed (not SliceGPT)")
+    ap.add_argument("--disp-train-tokens", type=int, default=8192,
+                    help="DISP's training budget here (default %(default)s: its shape meets the target exactly "
+                         "whatever the budget, and speed depends on the shape, not on the masks' quality)")
     args = ap.parse_args(argv)
     setup(args)
     torch.manual_seed(0)
@@ -52,7 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     models = {"dense": dense}
     for method in [m for m in args.methods.split(",") if m]:
         m = copy.deepcopy(dense)
-        config = SliceGPTConfig(slicing=0.25) if method == "slicegpt" else method_config(method, args.share)
+        if method == "slicegpt":
+            config = SliceGPTConfig(slicing=0.25)
+        elif method == "disp":
+            config = method_config(method, args.share, train_tokens=args.disp_train_tokens)
+        else:
+            config = method_config(method, args.share)
         compress(m, tok, method, config, cal, progress=False, batches=batches)
         models[method] = m
         print(f"built {method}: {count_parameters(m)}", file=sys.stderr, flush=True)
@@ -87,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
              f"{settings.repeats} alternating rounds after a warm-up; medians; decode = {settings.new_tokens} new "
              f"tokens after a {settings.prompt_len}-token prompt, KV cache on",
              "ideal = dense matrix FLOPs per token / model matrix FLOPs per token (linears + shortcuts + head)"]
+    if "disp" in models:
+        notes.append(f"DISP trained on {args.disp_train_tokens:,} tokens here (its gathers and scatters by index are "
+                     "timed; its quality is in disp.json)")
     sg = next((r for r in rows if r[0] == "slicegpt"), None)
     ab = next((r for r in rows if r[0].startswith("slicegpt (no")), None)
     if sg and ab:

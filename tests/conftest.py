@@ -16,6 +16,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _threads_per_worker() -> int:
+    """The cores divided among the pytest-xdist workers (at least one).
+
+    Two workers with two OpenMP threads each on two cores spin-wait against each other: one
+    SmolLM2 test took 553 s of wall time that way and 106 s on one thread, on the same loaded
+    machine.  Each worker therefore gets its share of the cores, and so do the subprocesses
+    the tests start (through ``OMP_NUM_THREADS``, which torch reads at import)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# a user's own OMP_NUM_THREADS stands; ours is recomputed in each xdist worker (it inherits the
+# controller's environment, where the worker count is not yet known)
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("_SLICEKIT_TEST_THREADS") == os.environ["OMP_NUM_THREADS"]:
+    os.environ["OMP_NUM_THREADS"] = os.environ["_SLICEKIT_TEST_THREADS"] = str(_threads_per_worker())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Apply the thread share to this process too (torch may have been imported already)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not os.environ.get("SLICEKIT_DATA_DIR"):
     shared = ROOT.parent / "shared" / "data"
     if shared.is_dir():

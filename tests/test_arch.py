@@ -48,7 +48,7 @@ def test_table_matches_model(arch):
             (up,) = b.mlp_up
             assert layer.get_parameter(up).shape == (n_experts, mlp_width(cfg) * b.mlp_up_fused, hidden)
             assert layer.get_parameter(b.mlp_down).shape == (n_experts, hidden, mlp_width(cfg))
-            assert not spec.mlp_prunable and not spec.rotation_invariant
+            assert not spec.mlp_prunable and spec.rotation_invariant  # router and experts rotate with the stream
         for norm in (b.attn_norm, b.mlp_norm):
             if norm is not None:
                 assert layer.get_submodule(norm).weight.shape == (hidden,)

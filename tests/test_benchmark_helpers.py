@@ -20,7 +20,7 @@ from slicekit.shape import count_plan
 from tiny import save_tiny_with_tokenizer, tiny_calibration, tiny_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference"]
+SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference", "mlp_methods", "disp"]
 
 
 def _common():
@@ -190,3 +190,25 @@ def test_speed_runs_on_a_tiny_model(tiny_dir, data_dir, tmp_path):
     rows = {r[0]: r for r in _check_schema(out)["tables"][0]["rows"]}
     assert set(rows) == {"dense", "slicegpt", "fasp", "slicegpt (no shortcuts, timing only)"}
     assert rows["fasp"][2] < rows["dense"][2] and rows["dense"][3] == 1.0
+
+
+def test_disp_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
+    """The DISP benchmark trains on its own one-pass text, reports the budget it used and where the
+    hard masks ended, and compares at the same real size; a rerun resumes instead of retraining."""
+    out = tmp_path / "disp.json"
+    args = ["--model", str(tiny_dir), *SMALL, "--eval-dataset", eval_text, "--shares", "0.25",
+            "--methods", "disp,fasp", "--disp-lrs", "0.01", "--train-tokens", "128", "--train-seqlen", "32", "--limit", "2",
+            "--tasks", "winogrande", "--out", str(out)]
+    proc = _run("disp", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _check_schema(out)
+    rows = {r[0]: r for r in doc["tables"][0]["rows"]}
+    assert set(rows) == {"dense", "disp", "disp lr=0.01", "fasp"}
+    for method in ("disp", "disp lr=0.01", "fasp"):  # equal real size: both meet the target on the one counter
+        assert abs(rows[method][3] - 0.25) < 0.02, rows[method]
+    train = doc["tables"][1]["rows"]
+    assert [r[:3] for r in train] == [["disp", 0.25, 0.001], ["disp lr=0.01", 0.25, 0.01]]
+    assert all(r[3] == 128 and r[4] == 2 for r in train)  # 4 × 32 tokens, batches of 2
+    assert any(n.startswith("disp lr=0.01 at 25 %: the learned hard masks keep") for n in doc["notes"])
+    again = _run("disp", *args)
+    assert again.returncode == 0 and "resuming: 4 rows" in again.stderr, again.stderr[-2000:]

@@ -43,7 +43,8 @@ class ExpertsSpec:
     ``weight`` (``E × D``) reads the MLP norm's output, like any reader of the stream.  Paths are
     relative to the decoder layer; ``gate_up``/``down`` are parameter names of ``experts``.
     ``shared``/``shared_gate``: Qwen2-MoE's always-on dense expert (an MLP of ``nn.Linear``) and its
-    ``D → 1`` sigmoid gate.
+    ``D → 1`` sigmoid gate; ``shared_up``/``shared_down`` name the shared expert's linears that read
+    (gate and up) and write the stream.
     """
 
     router: str
@@ -54,6 +55,8 @@ class ExpertsSpec:
     top_k_key: str = "num_experts_per_tok"
     shared: str | None = None
     shared_gate: str | None = None
+    shared_up: tuple[str, ...] = ("gate_proj", "up_proj")
+    shared_down: str = "down_proj"
 
 
 @dataclass(frozen=True)
@@ -204,14 +207,11 @@ class ArchSpec:
 
         Checked by SliceGPT and every method built on :func:`slicekit.invariance.make_invariant`.
         (1 + w) norms, the √D embedding scale, q/k norms inside the heads, soft-capping of logits and
-        attention scores, and local/global attention layers are all compatible with rotation.
+        attention scores, local/global attention layers and mixture-of-experts MLPs (the router and
+        every expert's gate/up read the MLP norm's output, every expert's down writes the stream)
+        are all compatible with rotation.
         """
         b = self.block
-        if b.experts is not None:
-            return ("its mixture-of-experts MLP keeps the experts as 3-D parameters and routes with a "
-                    "non-Linear router; slicekit's rotation surgery handles nn.Linear readers and writers only "
-                    "(the maths is invariant: router and expert up-projections are readers, expert "
-                    "down-projections writers)")
         post = [n for n in (b.post_attn_norm, b.post_mlp_norm) if n is not None]
         if post:
             return (f"it normalises the attention/MLP outputs before the residual add ({', '.join(post)}); a "
@@ -233,8 +233,8 @@ class ArchSpec:
         columns are linears that can be narrowed)."""
         if self.block.experts is not None:
             return ("its experts are fused 3-D parameters (gate_up_proj E × 2F × D, down_proj E × D × F), "
-                    "not linears; per-expert width pruning needs an experts entry in the compressed-shape "
-                    "description, which slicekit does not have yet")
+                    "not linears, and this method's MLP surgery narrows linears only; fasp, and prunenet with "
+                    "selection=random or magnitude, narrow every expert (one width per layer)")
         return None
 
     @property
@@ -447,7 +447,7 @@ register_architecture(ArchSpec(
     # Mixtral: Mistral's attention; a top-k routed mixture of SwiGLU experts (3-D parameters).
     model_types=("mixtral",),
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms",
+    norm_kind="rms", norm_eps_key="rms_norm_eps",
     block=replace(_LLAMA_BLOCK, **_MOE_MLP, experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts")),
 ))
 register_architecture(ArchSpec(
@@ -455,7 +455,7 @@ register_architecture(ArchSpec(
     # (config.mlp_only_layers / decoder_sparse_step can make some layers dense: see get_arch).
     model_types=("qwen3_moe",),
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms", mlp_width_key="moe_intermediate_size",
+    norm_kind="rms", mlp_width_key="moe_intermediate_size", norm_eps_key="rms_norm_eps",
     block=replace(_LLAMA_BLOCK, **_MOE_MLP, qk_norm=True,
                   experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts", num_experts_key="num_experts")),
 ))
@@ -464,7 +464,7 @@ register_architecture(ArchSpec(
     # with a sigmoid gate.
     model_types=("qwen2_moe",),
     layers="model.layers", token_embedding="model.embed_tokens", final_norm="model.norm", head="lm_head",
-    norm_kind="rms", mlp_width_key="moe_intermediate_size",
+    norm_kind="rms", mlp_width_key="moe_intermediate_size", norm_eps_key="rms_norm_eps",
     block=replace(_LLAMA_BLOCK, **_MOE_MLP,
                   experts=ExpertsSpec(router="mlp.gate", experts="mlp.experts", num_experts_key="num_experts",
                                       shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),

@@ -31,7 +31,7 @@ from torch import nn
 from slicekit import modeling_slicekit as mk
 from slicekit.errors import SlicekitError
 from slicekit.modeling_slicekit import params_on_meta
-from slicekit.shape import Plan
+from slicekit.shape import PLAIN_KINDS, Plan
 
 MODELING_FILE = "modeling_slicekit.py"
 DEFAULT_MAX_SHARD = "2GB"
@@ -49,7 +49,7 @@ def vanilla_config(model: nn.Module, plan: Plan) -> Any | None:
 
     from slicekit.arch import attention_info, get_arch, vanilla_config_overrides
 
-    if plan.blocks or any(s["type"] not in ("linear", "conv1d", "embedding") for s in plan.modules.values()):
+    if plan.blocks or any(s["type"] not in PLAIN_KINDS for s in plan.modules.values()):
         return None
     spec = get_arch(model.config)
     overrides = vanilla_config_overrides(model.config, plan.mlp_widths())

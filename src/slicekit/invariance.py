@@ -46,9 +46,17 @@ Today's families, worked out (the table row says which apply, :mod:`slicekit.arc
   layers grow.  SliceGPT on these families therefore is refused (``ArchSpec.not_invariant_reason``)
   rather than offered at a cost that cancels its benefit; methods that do not rotate the stream
   (FASP, MoDeGPT, the MLP-width methods) work on them at no such cost.
-- **Mixture-of-experts** MLPs are invariant in principle (router and expert up-projections read
-  the normed stream, expert down-projections write it), but transformers keeps the experts as 3-D
-  parameters and slicekit's surgery handles linears only: refused as well.
+- **Mixture-of-experts** MLPs (Mixtral, Qwen3-MoE, Qwen2-MoE) are invariant: the router's logits
+  ``R·n`` and every expert's gate/up rows ``G_e·n`` read the MLP norm's output ``n``, so folding the
+  norm's scale gives ``R·diag(γ)`` and ``G_e·diag(γ)``, and a rotation gives ``R·diag(γ)·Q`` etc.
+  — the router logits, hence the top-k choice and the routing weights, are exactly those of the
+  original model for every token; every expert's ``down_e`` (``D × F``) and the shared expert's
+  down write the stream (``Q_dᵀ·down_e``); Qwen2-MoE's ``D → 1`` shared-expert gate is a reader.
+  transformers keeps the experts as 3-D parameters (``E × 2F × D``, ``E × D × F``), not linears:
+  :func:`reader_weight`/:func:`writer_weight` and their setters give every reader and writer of
+  the stream, linear or not, one interface.  An experts block writes the width it reads (the
+  expert loop accumulates into ``zeros_like`` of its input), so a SliceGPT plan gives a MoE layer's
+  MLP the same input and output width (the attention does any change of width).
 """
 
 from __future__ import annotations
@@ -56,12 +64,112 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
+from slicekit.arch import ArchSpec, get_arch, is_linear, linear_bias, linear_weight, set_linear
 from slicekit.errors import SlicekitError
-from slicekit.linalg import center_rows, center_writer, fold_scale_into_readers
-from slicekit.modeling_slicekit import SlicedLayer, UnitRMSNorm, make_block
+from slicekit.linalg import center_rows, center_writer, fold_scale_into_readers, rotate_reader
+from slicekit.modeling_slicekit import SlicedLayer, UnitRMSNorm, make_block, sync_moe_dims
 from slicekit.models import untie_head
-from slicekit.shape import Plan, block_spec
+from slicekit.shape import Plan, block_spec, mlp_stream_children
+
+# ------------------------------------------------------------------ readers and writers of any kind
+
+def _experts_names(mod: nn.Module) -> tuple[str, str] | None:
+    """``(gate_up, down)`` parameter names if ``mod`` is a mixture-of-experts module (3-D parameters)."""
+    names = getattr(mod, "sk_experts", ("gate_up_proj", "down_proj"))
+    p = mod._parameters
+    if all(p.get(n) is not None and p[n].dim() == 3 for n in names):
+        return names
+    return None
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    ref = mod._parameters[name]
+    mod._parameters[name] = nn.Parameter(value.to(dtype=ref.dtype, device=ref.device).contiguous(),
+                                         requires_grad=ref.requires_grad)
+    sync_moe_dims(mod)
+
+
+def reader_weight(root: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` of a module that reads the stream, ``W`` as ``out × D`` — for an experts module
+    its gate/up parameter ``E × 2F × D`` (a batch of readers), for a router its ``E × D`` weight."""
+    mod = root.get_submodule(path)
+    if is_linear(mod):
+        return linear_weight(mod), linear_bias(mod)
+    names = _experts_names(mod)
+    if names is not None:
+        return mod._parameters[names[0]].data, None
+    if getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:  # a top-k router
+        return mod.weight.data, None
+    raise TypeError(f"{path} ({type(mod).__name__}) is not a reader slicekit knows")
+
+
+def set_reader_weight(root: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace what :func:`reader_weight` returned (the size attributes follow)."""
+    mod = root.get_submodule(path)
+    if is_linear(mod):
+        set_linear(mod, weight, bias)
+        return
+    if bias is not None:
+        raise SlicekitError(f"{path} has no bias: a norm with a shift cannot be folded into it")
+    names = _experts_names(mod)
+    _set_param(mod, names[0] if names is not None else "weight", weight)
+
+
+def writer_weight(root: nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` of a module that writes the stream, ``W`` as ``D × in`` — for an experts module
+    its down parameter ``E × D × F`` (a batch of writers)."""
+    mod = root.get_submodule(path)
+    if is_linear(mod):
+        return linear_weight(mod), linear_bias(mod)
+    names = _experts_names(mod)
+    if names is None:
+        raise TypeError(f"{path} ({type(mod).__name__}) is not a writer slicekit knows")
+    return mod._parameters[names[1]].data, None
+
+
+def stream_param_names(root: nn.Module, path: str, role: str) -> tuple[str, str | None]:
+    """``(weight, bias)`` parameter names, relative to ``root``, of the reader (``role="read"``)
+    or writer (``"write"``) at ``path``: ``path.weight``/``path.bias`` for a linear or a router,
+    the gate/up (reader) or down (writer) parameter of an experts module (no bias)."""
+    mod = root.get_submodule(path)
+    names = None if is_linear(mod) else _experts_names(mod)
+    if names is not None:
+        return f"{path}.{names[0] if role == 'read' else names[1]}", None
+    return f"{path}.weight", (f"{path}.bias" if getattr(mod, "bias", None) is not None else None)
+
+
+def set_writer_weight(root: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    mod = root.get_submodule(path)
+    if is_linear(mod):
+        set_linear(mod, weight, bias)
+        return
+    _set_param(mod, _experts_names(mod)[1], weight)
+
+
+def fold_reader(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                beta: torch.Tensor | None, out_dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`~slicekit.linalg.fold_scale_into_readers` for a reader or a batch of readers
+    (``… × out × D``)."""
+    flat = weight.reshape(-1, weight.shape[-1])
+    if weight.dim() > 2 and beta is not None:
+        raise SlicekitError("a norm with a shift cannot be folded into experts, which have no bias")
+    w, b = fold_scale_into_readers(flat, bias, gamma, beta, out_dtype=out_dtype)
+    return w.reshape(weight.shape), b
+
+
+def rotate_any_reader(weight: torch.Tensor, q: torch.Tensor, width: int,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`~slicekit.linalg.rotate_reader` for a reader or a batch of readers (``… × out × D``)."""
+    flat = rotate_reader(weight.reshape(-1, weight.shape[-1]), q, width, out_dtype=out_dtype)
+    return flat.reshape(*weight.shape[:-1], width)
+
+
+def rotate_stream_readers(root: nn.Module, paths, q: torch.Tensor, width: int) -> None:
+    """Every reader at ``paths`` reads ``x·Q[:, :width]`` instead of ``x``."""
+    for path in paths:
+        w, b = reader_weight(root, path)
+        set_reader_weight(root, path, rotate_any_reader(w, q, width, out_dtype=w.dtype), b)
 
 
 def _norm_params(norm: nn.Module, offset: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
@@ -116,34 +224,42 @@ def invariant_plan(model: nn.Module, spec: ArchSpec | None = None) -> Plan:
         norm = model.get_submodule(norm_path)
         for r in readers:
             if _has_bias(norm):
+                if p.modules[r]["type"] not in ("linear", "conv1d"):
+                    raise SlicekitError(f"{norm_path} has a shift, which {r} (no bias) cannot absorb")
                 p.resize_linear(r, bias=True)
         p.unit_norm(norm_path, hidden, hidden, norm_eps(norm))
 
+    mlp_readers = mlp_stream_children(spec)[0]
     for i in range(len(spec.layer_list(model))):
         def at(name: str, i: int = i) -> str:
             return spec.layer_path(i, name)
 
         if b.mlp_norm is None:
-            fold(at(b.attn_norm), [at(n) for n in b.attn_readers + b.mlp_up])
+            fold(at(b.attn_norm), [at(n) for n in b.attn_readers + mlp_readers])
         else:
             fold(at(b.attn_norm), [at(n) for n in b.attn_readers])
-            fold(at(b.mlp_norm), [at(n) for n in b.mlp_up])
+            fold(at(b.mlp_norm), [at(n) for n in mlp_readers])
         p.block(spec.layer_path(i), bspec)
     fold(spec.final_norm, [spec.head])
     return p
 
 
-def _fold(norm: nn.Module, readers: list[nn.Module], offset: float = 0.0) -> float:
+def _fold(norm: nn.Module, layer: nn.Module, readers: list[str], offset: float = 0.0) -> float:
+    """Fold ``norm``'s scale (and shift) into the readers at ``readers`` (paths under ``layer``)."""
     gamma, beta, eps = _norm_params(norm, offset)
-    for lin in readers:
-        w, b = fold_scale_into_readers(linear_weight(lin), linear_bias(lin), gamma, beta, out_dtype=lin.weight.dtype)
-        set_linear(lin, w, b)
+    for path in readers:
+        w0, b0 = reader_weight(layer, path)
+        w, b = fold_reader(w0, b0, gamma, beta, out_dtype=w0.dtype)
+        set_reader_weight(layer, path, w, b)
     return eps
 
 
-def _center_writer(lin: nn.Module) -> None:
-    w, b = center_writer(linear_weight(lin), linear_bias(lin))
-    set_linear(lin, w, b)
+def _center_writer(layer: nn.Module, path: str) -> None:
+    w, b = writer_weight(layer, path)
+    if w.dim() != 2:
+        raise SlicekitError(f"{path}: centring experts' outputs (a LayerNorm family) is not implemented")
+    w, b = center_writer(w, b)
+    set_writer_weight(layer, path, w, b)
 
 
 def is_invariant(model: nn.Module) -> bool:
@@ -166,14 +282,13 @@ def make_invariant(model: nn.Module, spec: ArchSpec | None = None, layers: bool 
     check_invariant_family(spec)
     if not isinstance(model.get_submodule(spec.final_norm), UnitRMSNorm):
         hidden = model.config.hidden_size
-        head = model.get_submodule(spec.head)
         if _is_tied(model, spec):
             untie_head(model, spec.head)
         if spec.norm_kind == "layer":
             for emb in spec.embeddings(model):
                 emb.weight.data = center_rows(emb.weight.data).to(emb.weight.dtype)
         final_norm = model.get_submodule(spec.final_norm)
-        eps = _fold(final_norm, [head], spec.norm_offset)
+        eps = _fold(final_norm, model, [spec.head], spec.norm_offset)
         parent, _, name = spec.final_norm.rpartition(".")
         setattr(model.get_submodule(parent), name, UnitRMSNorm(hidden, hidden, eps))
     if layers:
@@ -193,18 +308,18 @@ def make_layer_invariant(model: nn.Module, index: int, spec: ArchSpec | None = N
     off = spec.norm_offset
     hidden = model.config.hidden_size
     b = spec.block
+    mlp_readers, mlp_writers = mlp_stream_children(spec)
     if spec.norm_kind == "layer":
-        _center_writer(layer.get_submodule(b.attn_writer))
-        _center_writer(layer.get_submodule(b.mlp_writer))
-    attn_readers = [layer.get_submodule(n) for n in b.attn_readers]
-    mlp_readers = [layer.get_submodule(n) for n in b.mlp_readers]
+        for path in (b.attn_writer, *mlp_writers):
+            _center_writer(layer, path)
+    attn_readers = list(b.attn_readers)
     if b.mlp_norm is None:  # one norm feeds attention and MLP (Phi-2)
-        eps = _fold(layer.get_submodule(b.attn_norm), attn_readers + mlp_readers, off)
+        eps = _fold(layer.get_submodule(b.attn_norm), layer, attn_readers + list(mlp_readers), off)
         setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
     else:
-        eps = _fold(layer.get_submodule(b.attn_norm), attn_readers, off)
+        eps = _fold(layer.get_submodule(b.attn_norm), layer, attn_readers, off)
         setattr(layer, b.attn_norm, UnitRMSNorm(hidden, hidden, eps))
-        eps = _fold(layer.get_submodule(b.mlp_norm), mlp_readers, off)
+        eps = _fold(layer.get_submodule(b.mlp_norm), layer, list(mlp_readers), off)
         setattr(layer, b.mlp_norm, UnitRMSNorm(hidden, hidden, eps))
     make_block(layer, block_spec(model.config))
 

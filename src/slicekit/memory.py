@@ -195,6 +195,10 @@ def predict(model_spec: str, method: str, config: Any, nsamples: int, seqlen: in
     terms["activations"] = act + (per_batch if tokens else 0)
     widest = max(inter if mlp_changed else 0, hidden if rotating or not mlp_changed else 0)
     terms["method"] = 4 * widest * widest * 8 + 3 * biggest_matrix * 8
+    experts = spec.block.experts
+    if experts is not None and mlp_changed and entry.needs.calibration:
+        # one float64 Gram per routed expert over its intermediate width (FASP's restoration)
+        terms["method"] += int(getattr(cfg, experts.num_experts_key)) * inter * inter * 8
     device_terms: dict[str, int] = {}
     if on_device:
         device_terms = {"layer": 2 * biggest_layer * s, "batch": per_batch, "method": terms["method"]}

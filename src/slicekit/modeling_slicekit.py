@@ -32,7 +32,9 @@ The ``shape`` dictionary (``config.json`` → ``slicekit.shape``)::
      "modules": {path: spec, ...},   # applied in order; decoder-layer blocks last
      "attributes": {dotted.path: value, ...}}
 
-``spec["type"]``: ``linear`` / ``conv1d`` / ``embedding`` (resized in place), ``unit_rmsnorm``
+``spec["type"]``: ``linear`` / ``conv1d`` / ``embedding`` (resized in place), ``experts`` / ``router``
+(a mixture-of-experts MLP's 3-D expert parameters and its router, resized in place — feature
+``experts``, see :func:`resize_experts`), ``unit_rmsnorm``
 (replaces a norm), ``block`` (residual wiring around a decoder layer: shortcut matrices, or
 read/write index buffers — feature ``residual_index``) and ``reduced_attention`` (narrowed
 heads).  Format 1 checkpoints (``{"version": 1, ...}``) are upgraded on load by
@@ -57,10 +59,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 SHAPE_FORMAT = 2
 #: Features this loader implements.  A checkpoint lists the ones it uses; an unknown one is refused
 #: with a message, instead of loading a model that silently computes something else.
-FEATURES = frozenset({"resize", "unit_rmsnorm", "residual_block", "reduced_attention", "residual_index"})
+FEATURES = frozenset({"resize", "unit_rmsnorm", "residual_block", "reduced_attention", "residual_index", "experts"})
 SLICEKIT_MODEL_TYPE = "slicekit"
 _FEATURE_OF = {"linear": "resize", "conv1d": "resize", "embedding": "resize", "unit_rmsnorm": "unit_rmsnorm",
-               "block": "residual_block", "reduced_attention": "reduced_attention"}
+               "block": "residual_block", "reduced_attention": "reduced_attention", "experts": "experts",
+               "router": "experts"}
 
 
 class SlicekitShapeError(ValueError):
@@ -389,6 +392,47 @@ def _resize_linear(module: nn.Module, spec: Mapping[str, Any]) -> None:
     module.bias = _new_param(like, (n_out,)) if bias else None
 
 
+def resize_experts(module: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Resize a mixture-of-experts module in place: ``num_experts`` experts reading and writing a
+    stream ``in_features`` wide, each ``width`` neurons wide.
+
+    transformers (5.x) keeps a layer's experts as one module with two 3-D parameters, named in the
+    spec (``gate_up``: ``E × 2F × D``, gate rows then up rows; ``down``: ``E × D × F``).  The
+    expert loop writes into ``zeros_like(input)`` (and the batched kernels reshape to the input
+    width), so an expert block writes exactly the width it reads: one ``in_features`` for both.
+    The module's size attributes follow the tensors (:func:`sync_moe_dims`).
+    """
+    n_exp, n_in, width = int(spec["num_experts"]), int(spec["in_features"]), int(spec["width"])
+    gate_up, down = spec.get("gate_up", "gate_up_proj"), spec.get("down", "down_proj")
+    like = getattr(module, gate_up)
+    setattr(module, gate_up, _new_param(like, (n_exp, 2 * width, n_in)))
+    setattr(module, down, _new_param(like, (n_exp, n_in, width)))
+    module.sk_experts = (gate_up, down)
+    sync_moe_dims(module)
+
+
+def resize_router(module: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Resize a top-k router (``weight`` ``E × D``, not an ``nn.Linear``) to read ``in_features``."""
+    module.weight = _new_param(module.weight, (int(spec["num_experts"]), int(spec["in_features"])))
+    sync_moe_dims(module)
+
+
+def sync_moe_dims(module: nn.Module) -> None:
+    """Make a router's or an experts module's size attributes agree with its tensors.
+
+    transformers' routers reshape their input with ``self.hidden_dim``; the experts modules keep
+    ``hidden_dim``/``intermediate_dim``/``num_experts`` for their kernels.  Whoever resizes the
+    tensors (a method's surgery, :func:`apply_shape`) calls this, so the attributes never lie.
+    """
+    gate_up, down = getattr(module, "sk_experts", ("gate_up_proj", "down_proj"))
+    params = module._parameters
+    if params.get(gate_up) is not None and params.get(down) is not None and params[gate_up].dim() == 3:
+        e, _, d = params[gate_up].shape
+        module.num_experts, module.hidden_dim, module.intermediate_dim = int(e), int(d), int(params[down].shape[-1])
+    elif params.get("weight") is not None and params["weight"].dim() == 2:  # a router
+        module.num_experts, module.hidden_dim = (int(n) for n in params["weight"].shape)
+
+
 def shape_features(shape: Mapping[str, Any]) -> list[str]:
     """The loader features a shape description needs."""
     features = {_FEATURE_OF.get(spec["type"], spec["type"]) for spec in shape["modules"].values()}
@@ -454,6 +498,10 @@ def apply_shape(model: nn.Module, shape: Mapping[str, Any]) -> nn.Module:
             setattr(parent, name, UnitRMSNorm(spec["dim"], spec["norm_dim"], spec["eps"]))
         elif kind == "reduced_attention":
             make_reduced_attention(model.get_submodule(path), spec)
+        elif kind == "experts":
+            resize_experts(model.get_submodule(path), spec)
+        elif kind == "router":
+            resize_router(model.get_submodule(path), spec)
         else:
             raise SlicekitShapeError(f"unknown module type {kind!r} for {path!r} in the shape description")
     for path, spec in blocks:

@@ -52,10 +52,43 @@ def _module_spec(mod: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def experts_spec_of(module: nn.Module, gate_up: str, down: str) -> dict[str, Any]:
+    """The shape entry of a mixture-of-experts module (3-D parameters ``gate_up``, ``down``)."""
+    e, _, d = getattr(module, gate_up).shape
+    return {"type": "experts", "num_experts": int(e), "in_features": int(d),
+            "width": int(getattr(module, down).shape[-1]), "gate_up": gate_up, "down": down}
+
+
+def router_spec_of(module: nn.Module) -> dict[str, Any]:
+    """The shape entry of a top-k router (``weight`` ``E × D``, no bias)."""
+    e, d = module.weight.shape
+    return {"type": "router", "num_experts": int(e), "in_features": int(d)}
+
+
+def _describe_experts(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Routers and experts modules, by the architecture table (they are not linears, so only the
+    row says which modules they are)."""
+    from slicekit.arch import UnsupportedArchitectureError
+
+    try:
+        spec = get_arch(model.config)
+    except (UnsupportedArchitectureError, AttributeError):
+        return
+    e = spec.block.experts
+    if e is None:
+        return
+    for i in range(len(spec.layer_list(model))):
+        modules[spec.layer_path(i, e.experts)] = experts_spec_of(
+            model.get_submodule(spec.layer_path(i, e.experts)), e.gate_up, e.down)
+        modules[spec.layer_path(i, e.router)] = router_spec_of(model.get_submodule(spec.layer_path(i, e.router)))
+
+
 def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Every linear, embedding, replaced norm and narrowed attention; residual blocks apart."""
+    """Every linear, embedding, replaced norm, narrowed attention, router and experts module;
+    residual blocks apart."""
     modules: dict[str, dict] = {}
     blocks: dict[str, dict] = {}
+    _describe_experts(model, modules)
     for name, mod in model.named_modules():
         spec = _module_spec(mod)
         if spec is not None:
@@ -141,14 +174,46 @@ class Plan:
         self.modules[path] = {"type": "reduced_attention", **spec}
 
     def set_mlp_width(self, layer: int, width: int) -> None:
-        """The MLP of decoder layer ``layer`` keeps ``width`` intermediate neurons."""
+        """The MLP of decoder layer ``layer`` keeps ``width`` intermediate neurons (for a
+        mixture-of-experts layer: every routed expert keeps ``width``)."""
         b = self.arch.block
+        if b.experts is not None:
+            self.modules[self.arch.layer_path(layer, b.experts.experts)]["width"] = int(width)
+            return
         for name in b.mlp_up:
             self.resize_linear(self.arch.layer_path(layer, name), out_features=width * b.mlp_up_fused)
         self.resize_linear(self.arch.layer_path(layer, b.mlp_down), in_features=width)
 
     def mlp_width(self, layer: int) -> int:
-        return int(self.modules[self.arch.layer_path(layer, self.arch.block.mlp_down)]["in_features"])
+        """Intermediate neurons of decoder layer ``layer``'s MLP (of each routed expert)."""
+        b = self.arch.block
+        if b.experts is not None:
+            return int(self.modules[self.arch.layer_path(layer, b.experts.experts)]["width"])
+        return int(self.modules[self.arch.layer_path(layer, b.mlp_down)]["in_features"])
+
+    def mlp_stream_paths(self, layer: int) -> tuple[list[str], list[str]]:
+        """Model-level paths of the modules of layer ``layer``'s MLP that read the stream (after
+        the MLP norm) and that write it: the ``mlp_up``/``mlp_down`` linears, or for a
+        mixture-of-experts MLP the router, the experts module (reader and writer: it writes the
+        width it reads) and the shared expert's linears and gate."""
+        readers, writers = mlp_stream_children(self.arch)
+        return [self.arch.layer_path(layer, n) for n in readers], [self.arch.layer_path(layer, n) for n in writers]
+
+    def set_mlp_stream(self, layer: int, read: int | None = None, write: int | None = None) -> None:
+        """Layer ``layer``'s MLP reads a stream ``read`` wide and writes one ``write`` wide.  An
+        experts block writes the width it reads (see
+        :func:`slicekit.modeling_slicekit.resize_experts`), so the two must agree there."""
+        readers, writers = self.mlp_stream_paths(layer)
+        if self.arch.block.experts is not None and read is not None and write is not None and read != write:
+            raise ValueError(f"layer {layer}: a mixture-of-experts MLP writes the width it reads ({read} != {write})")
+        for path, width, key in [(p, read, "in") for p in readers] + [(p, write, "out") for p in writers]:
+            if width is None:
+                continue
+            spec = self.modules[path]
+            if spec["type"] in ("experts", "router"):
+                spec["in_features"] = int(width)
+            else:
+                self.resize_linear(path, **{f"{key}_features": width})
 
     def untie(self) -> None:
         """The head gets its own matrix (the loader must not tie it to the embeddings)."""
@@ -175,7 +240,7 @@ class Plan:
     def is_plain(self) -> bool:
         """Whether the shape is the original architecture's with resized linears only."""
         kinds = {s["type"] for s in self.modules.values()}
-        return not self.blocks and not self.attributes and kinds <= {"linear", "conv1d", "embedding"}
+        return not self.blocks and not self.attributes and kinds <= PLAIN_KINDS
 
     def differences(self, other: Plan) -> list[str]:
         """Human-readable differences (for the check that surgery did what the plan said)."""
@@ -186,6 +251,10 @@ class Plan:
         if bool(getattr(self.config, "tie_word_embeddings", False)) != bool(getattr(other.config, "tie_word_embeddings", False)):
             out.append("tie_word_embeddings differs")
         return out
+
+
+#: module kinds an original-architecture model has (resized or not): a plain config may describe them
+PLAIN_KINDS = frozenset({"linear", "conv1d", "embedding", "experts", "router"})
 
 
 # ------------------------------------------------------------------------ the one counter
@@ -243,6 +312,10 @@ def _spec_params(spec: Mapping[str, Any]) -> int:
         return spec["out_features"] * spec["in_features"] + (spec["out_features"] if spec.get("bias") else 0)
     if kind == "embedding":
         return spec["num_embeddings"] * spec["embedding_dim"]
+    if kind == "experts":  # gate_up E × 2F × D and down E × D × F
+        return 3 * spec["num_experts"] * spec["width"] * spec["in_features"]
+    if kind == "router":
+        return spec["num_experts"] * spec["in_features"]
     if kind == "block":
         return sum(a * b for key in ("attn_shortcut", "mlp_shortcut") if spec.get(key) for a, b in [spec[key]])
     return 0  # unit_rmsnorm (weightless), reduced_attention (an index buffer, no parameters)
@@ -309,6 +382,25 @@ def count_built(plan: Plan) -> ParamCounts:
                 emb += p.numel()
     decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
     return ParamCounts(total, total - emb, decoder)
+
+
+def mlp_stream_children(arch: ArchSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Paths, relative to a decoder layer, of what reads the MLP's input stream and what writes the
+    MLP's output: the ``mlp_up``/``mlp_down`` linears, or for a mixture-of-experts MLP the router,
+    the experts module (a reader through its gate/up parameter and a writer through its down
+    parameter) and Qwen2-MoE's shared expert (its gate/up linears read, its down writes) and
+    shared-expert gate (a reader)."""
+    b = arch.block
+    e = b.experts
+    if e is None:
+        return tuple(b.mlp_up), (b.mlp_down,)
+    readers, writers = [e.router, e.experts], [e.experts]
+    if e.shared is not None:
+        readers += [f"{e.shared}.{n}" for n in e.shared_up]
+        writers.append(f"{e.shared}.{e.shared_down}")
+    if e.shared_gate is not None:
+        readers.append(e.shared_gate)
+    return tuple(readers), tuple(writers)
 
 
 def block_spec(config: PretrainedConfig) -> dict[str, Any]:

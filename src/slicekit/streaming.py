@@ -162,7 +162,7 @@ def load_streamed(directory: str, dtype: torch.dtype | None = torch.float32,
     everything else in memory; the model carries the :class:`StreamedLayers` source the engine uses."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from slicekit.arch import get_arch
+    from slicekit.arch import get_arch, model_type_of
     from slicekit.modeling_slicekit import params_on_meta
 
     if not os.path.isdir(directory):
@@ -174,6 +174,11 @@ def load_streamed(directory: str, dtype: torch.dtype | None = torch.float32,
     except (OSError, ValueError) as err:
         raise SlicekitError(f"cannot read the config of {directory}: {str(err).splitlines()[0]}") from err
     spec = get_arch(config)
+    if spec.block.experts is not None:
+        # hub MoE checkpoints keep one tensor per expert, which transformers fuses into 3-D
+        # parameters while loading; reading shards layer by layer would need that conversion too
+        raise SlicekitError(f"--stream does not read mixture-of-experts checkpoints yet ({model_type_of(config)}: its "
+                            "experts are fused by transformers at load time); compress it in memory (drop --stream)")
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()

@@ -103,6 +103,7 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
 
     from slicekit.arch import UnsupportedArchitectureError, get_arch, is_linear
     from slicekit.modeling_slicekit import UnitRMSNorm
+    from slicekit.shape import mlp_stream_children
 
     try:
         spec = get_arch(model.config)
@@ -134,6 +135,22 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
         if side == WRITER and mod.bias is not None:
             positions[pos].members.append((mod.bias, 0, WRITER))
 
+    def member(path: str, side: str, pos: int) -> None:
+        """A linear, or a mixture-of-experts module (its ``E × 2F × D`` gate/up reads the stream on
+        axis 2, its ``E × D × F`` down writes it on axis 1), or a top-k router (``E × D``, reads)."""
+        mod = model.get_submodule(path)
+        if is_linear(mod):
+            linear(path, side, pos)
+            return
+        gate_up, down = getattr(mod, "sk_experts", ("gate_up_proj", "down_proj"))
+        params = mod._parameters
+        if params.get(gate_up) is not None and params[gate_up].dim() == 3:
+            positions[pos].members.append((params[gate_up], 2, READER) if side == READER else (params[down], 1, WRITER))
+        elif side == READER and params.get("weight") is not None and params["weight"].dim() == 2:
+            positions[pos].members.append((params["weight"], 1, READER))
+        else:
+            positions[pos].ok = False
+
     def weightless(prefix: str, name: str | None, pos: int) -> None:
         """A norm between the stream and its readers must be weightless (None: no norm, e.g.
         OLMo 2's readers, or Phi's MLP sharing the attention norm)."""
@@ -148,6 +165,7 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
             positions[pos_in].members.append((mat, 0, SHORTCUT_IN))
             positions[pos_out].members.append((mat, 1, SHORTCUT_OUT))
 
+    mlp_readers, mlp_writers = mlp_stream_children(spec)
     cur = new("embed")
     for emb in spec.embeddings(model):
         positions[cur].members.append((emb.weight, 1, WRITER))
@@ -158,24 +176,26 @@ def _stream_positions(model: nn.Module) -> tuple[list[_Position], list[tuple[int
             linear(at + name, READER, cur)
         if b.parallel:
             weightless(at, b.mlp_norm, cur)
-            for name in b.mlp_readers:
-                linear(at + name, READER, cur)
+            for name in mlp_readers:
+                member(at + name, READER, cur)
             out = new(f"layers.{i}.out")
             shortcut(layer, "attn_shortcut", cur, out)
             if getattr(layer, "mlp_shortcut", None) is not None:  # not a parallel block's wiring
                 positions[cur].ok = positions[out].ok = False
             linear(at + b.attn_writer, WRITER, out)
-            linear(at + b.mlp_writer, WRITER, out)
+            for name in mlp_writers:
+                member(at + name, WRITER, out)
         else:
             mid = new(f"layers.{i}.mid")
             shortcut(layer, "attn_shortcut", cur, mid)
             linear(at + b.attn_writer, WRITER, mid)
             weightless(at, b.mlp_norm, mid)
-            for name in b.mlp_readers:
-                linear(at + name, READER, mid)
+            for name in mlp_readers:
+                member(at + name, READER, mid)
             out = new(f"layers.{i}.out")
             shortcut(layer, "mlp_shortcut", mid, out)
-            linear(at + b.mlp_writer, WRITER, out)
+            for name in mlp_writers:
+                member(at + name, WRITER, out)
         cur = out
     weightless("", spec.final_norm, cur)
     linear(spec.head, READER, cur)

@@ -10,6 +10,13 @@ parameters removed, spread over layers by any schedule of :mod:`slicekit.schedul
 **MLP**: gate/up rows (both halves of Phi-3's fused ``gate_up_proj``; OPT/GPT-2/NeoX/Phi-2
 ``fc1``-style rows and biases) ↔ down-projection columns.
 
+**Mixture of experts** (Mixtral, Qwen3-MoE, Qwen2-MoE): every routed expert of a layer is its own
+pair (gate/up rows ↔ down columns), scored and restored on the calibration tokens the layer's
+router sends it; all experts of a layer keep one width (in multiples of 8), each its own
+neurons.  The router and Qwen2-MoE's shared expert keep their size; an expert no calibration
+token reaches keeps the weight-magnitude choice unrestored.  Details and memory bound
+(``E·F²`` float64 per layer): :mod:`slicekit.methods.fasp.experts`.
+
 **Attention — the Q/K/head choice.**  The paper prunes value rows ↔ output columns and does not
 say whether Q/K are touched.  The installed transformers attention modules use one ``head_dim``
 for queries, keys and values, so removing single value/output dimensions inside a head would need

@@ -19,7 +19,8 @@ class FASPConfig(MethodConfig):
     whole; with a uniform width the checkpoint is a vanilla Hugging Face one).
     ``attention_sparsity``: fraction of KV groups removed per layer (rounded to whole groups); by
     default each layer removes ``floor(share × groups)`` groups and the MLP removes the rest of
-    the layer's budget.  ``round_to``: MLP widths removed in multiples of this.  ``damping``:
+    the layer's budget.  ``round_to``: MLP widths removed in multiples of this (routed experts: of
+``lcm(round_to, 8)``, which transformers' grouped-matmul experts kernel needs).  ``damping``:
     relative ridge δ/mean(diag G[S,S]) of the least-squares restoration (towards the plain-removal
     weights); ``None`` (default) = ``|S| / tokens``, kept columns per calibration token — the
     least squares overfits when few tokens fit many columns (on SmolLM2-135M with 2 048 tokens,

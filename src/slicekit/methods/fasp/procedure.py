@@ -10,7 +10,8 @@ Per decoder layer, on inputs that already carry the pruning of every earlier lay
    squares;
 3. MLP (sequential blocks: after a second pass that sees the pruned attention): score each
    intermediate neuron by ``‖W_down[:, j]‖₁·‖X_j‖₂``, drop the lowest (rows of gate/up, columns
-   of down), restore the kept W_down columns by least squares;
+   of down), restore the kept W_down columns by least squares — for a mixture of experts, per
+   routed expert on the tokens routed to it (:mod:`slicekit.methods.fasp.experts`);
 4. the engine recomputes the layer's outputs, which become the next layer's inputs.
 
 Nothing else changes: no norm is folded, no residual is rotated, every module keeps its class.
@@ -29,7 +30,9 @@ from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_li
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
 from slicekit.linalg import anchored_gram, column_scores, lstsq_restore, reconstruction_error
 from slicekit.methods import MethodContext
+from slicekit.methods.common import EXPERT_WIDTH_MULTIPLE
 from slicekit.methods.fasp.config import FASPConfig
+from slicekit.methods.fasp.experts import ExpertGrams, prune_experts
 from slicekit.methods.fasp.structure import (
     HeadGroups,
     group_cost,
@@ -58,8 +61,12 @@ def plan_units(base: Plan, config: FASPConfig, fractions: list[float], groups: H
     MLP neurons fill the rest of the budget in multiples of ``round_to``.  Equal layers get equal
     numbers (so a uniform schedule gives uniform widths); otherwise the rounding is distributed
     by largest remainder so that the total is as close to the budget as the multiples allow.
+    Routed experts lose neurons in multiples of ``lcm(round_to, 8)`` (see
+    :data:`~slicekit.methods.common.EXPERT_WIDTH_MULTIPLE`).
     """
     q = config.round_to
+    if base.arch.block.experts is not None:  # transformers' grouped-matmul experts kernel: aligned rows
+        q = math.lcm(q, EXPERT_WIDTH_MULTIPLE)
     wanted_groups, real_neurons, widths = [], [], []
     for i, (p_l, s) in enumerate(zip(layer_counts(base), fractions, strict=True)):
         nc = neuron_cost(base, i)
@@ -120,8 +127,12 @@ def plan(model: nn.Module, config: FASPConfig, fractions: list[float]) -> Plan:
 
 
 def unsupported(model: nn.Module, config: FASPConfig) -> str | None:
-    fixed = get_arch(model.config).mlp_fixed_reason
-    if fixed:
+    """Why FASP cannot compress ``model``, or None.  Mixture-of-experts MLPs are pruned per expert
+    (:mod:`slicekit.methods.fasp.experts`), so the table's MLP refusal (fused 3-D experts, which
+    linear-only MLP surgery cannot narrow) does not apply to them."""
+    spec = get_arch(model.config)
+    fixed = spec.mlp_fixed_reason
+    if fixed and spec.block.experts is None:
         return fixed
     groups, reason = _groups(model, config)
     if groups is None and not config.mlp_only and config.attention_sparsity:
@@ -151,20 +162,31 @@ class PruneAndRestore:
         pass
 
     # ------------------------------------------------------------ restoration of one writer
-    def _restore(self, lin: nn.Module, gram: Gram, keep: torch.Tensor, rec: dict, key: str) -> None:
-        w = linear_weight(lin).double()
-        g = gram.matrix
+    def _restored(self, w: torch.Tensor, g: torch.Tensor, tokens: int,
+                  keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The kept columns ``keep`` of a writer ``w`` (out × in) after restoration on the Gram
+        ``g`` of its input over ``tokens`` tokens, and the unnormalised errors (``error``,
+        ``error_plain``, ``total``) with the ridge used (``damping``)."""
+        w = w.double()
         keep = keep.to(g.device)
         plain = w[:, keep.to(w.device)]
         damping = self.config.damping
         if damping is None:  # ridge ∝ kept columns per token: strong for few tokens, vanishing for many
-            damping = keep.numel() / max(gram.count, 1)
+            damping = keep.numel() / max(tokens, 1)
         new = lstsq_restore(w, anchored_gram(g, keep, damping), keep) if self.config.restore else plain
-        total = reconstruction_error(w, g, torch.arange(w.shape[1], device=g.device), torch.zeros_like(w))
-        rec[f"{key}_error_plain"] = _rel(reconstruction_error(w, g, keep, plain), total)
-        rec[f"{key}_error"] = _rel(reconstruction_error(w, g, keep, new), total)
-        rec[f"{key}_damping"] = damping if self.config.restore else None
-        set_linear(lin, new.to(w.device), linear_bias(lin))
+        errors = {"total": reconstruction_error(w, g, torch.arange(w.shape[1], device=g.device), torch.zeros_like(w)),
+                  "error_plain": reconstruction_error(w, g, keep, plain),
+                  "error": reconstruction_error(w, g, keep, new),
+                  "damping": damping if self.config.restore else None}
+        return new.to(w.device), errors
+
+    def _restore(self, lin: nn.Module, gram: Gram, keep: torch.Tensor, rec: dict, key: str) -> None:
+        w = linear_weight(lin)
+        new, err = self._restored(w, gram.matrix, gram.count, keep)
+        rec[f"{key}_error_plain"] = _rel(err["error_plain"], err["total"])
+        rec[f"{key}_error"] = _rel(err["error"], err["total"])
+        rec[f"{key}_damping"] = err["damping"]
+        set_linear(lin, new, linear_bias(lin))
 
     # ------------------------------------------------------------ the two interlinked pairs
     def _prune_attention(self, step: LayerStep, gram: Gram, n_remove: int, rec: dict) -> None:
@@ -201,19 +223,30 @@ class PruneAndRestore:
         self._restore(down, gram, keep, rec, "mlp")
         rec["mlp_width"] = int(keep.numel())
 
+    def _prune_experts(self, step: LayerStep, stats: ExpertGrams, n_remove: int, rec: dict) -> None:
+        rec.update(prune_experts(step.layer, self.spec, stats, n_remove, self._restored))
+
     def process_layer(self, step: LayerStep) -> None:
         b, lp = self.spec.block, self.plan[step.index]
-        attn_point, mlp_point = f"{b.attn_writer}:input", f"{b.mlp_down}:input"
+        experts = ExpertGrams(step.layer, self.spec) if lp.neurons and b.experts is not None else None
+        attn_point = f"{b.attn_writer}:input"
+        mlp_point = experts.point if experts is not None else f"{b.mlp_down}:input"
         rec: dict[str, Any] = {"layer": step.index, "mlp_width": mlp_width_of(step.layer, self.spec)}
         if self.groups is not None:
             rec.update(kv_groups=self.groups.n_groups, heads=self.groups.n_groups * self.groups.heads_per_group)
         first = [attn_point] if lp.groups else []
-        if lp.neurons and (b.parallel or not lp.groups):
+        mlp_first = bool(lp.neurons) and (b.parallel or not lp.groups)  # the MLP input is already final
+        if mlp_first and experts is None:
             first.append(mlp_point)
-        obs = step.forward(grams=first) if first else None
+        observers = {mlp_point: experts.observe} if mlp_first and experts is not None else None
+        obs = step.forward(grams=first, observers=observers) if first or observers else None
         if lp.groups:
             self._prune_attention(step, obs.grams[attn_point], lp.groups, rec)
-        if lp.neurons:
+        if lp.neurons and experts is not None:
+            if not mlp_first:
+                step.forward(observers={mlp_point: experts.observe})
+            self._prune_experts(step, experts, lp.neurons, rec)
+        elif lp.neurons:
             if mlp_point not in obs.grams:
                 obs = step.forward(grams=[mlp_point])
             self._prune_mlp(step, obs.grams[mlp_point], lp.neurons, rec)

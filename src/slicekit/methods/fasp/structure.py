@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slicekit.arch import ArchSpec, attention_info, linear_weight
+from slicekit.arch import ArchSpec, attention_info
+from slicekit.methods.common import mlp_width_of as common_mlp_width_of
 from slicekit.shape import Plan
 
 
@@ -77,9 +78,14 @@ def _row_cost(spec: dict) -> int:
 
 def neuron_cost(plan: Plan, layer: int) -> int:
     """Decoder parameters removed with one MLP intermediate neuron (the down bias stays), read
-    off the plan."""
+    off the plan.  For a mixture-of-experts layer one unit of width is one neuron in *every*
+    routed expert: a gate row, an up row and a down column of ``D`` each, ``3·E·D`` in all (the
+    router and Qwen2-MoE's shared expert keep their size)."""
     arch = plan.arch
     b = arch.block
+    if b.experts is not None:
+        spec = plan.modules[arch.layer_path(layer, b.experts.experts)]
+        return 3 * int(spec["num_experts"]) * int(spec["in_features"])
     up = sum(_row_cost(plan.linear(arch.layer_path(layer, n))) * b.mlp_up_fused for n in b.mlp_up)
     return up + int(plan.linear(arch.layer_path(layer, b.mlp_down))["out_features"])
 
@@ -92,7 +98,8 @@ def group_cost(plan: Plan, layer: int, groups: HeadGroups) -> int:
 
 
 def mlp_width_of(layer: nn.Module, spec: ArchSpec) -> int:
-    return int(linear_weight(layer.get_submodule(spec.block.mlp_down)).shape[1])
+    """Intermediate neurons of a layer's MLP (of each routed expert, for a mixture of experts)."""
+    return common_mlp_width_of(layer, spec)
 
 
 def keep_rows_mlp(keep: torch.Tensor, width: int, fused: int) -> torch.Tensor:

@@ -16,11 +16,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from slicekit.arch import get_arch, linear_weight, model_type_of
+from slicekit.arch import get_arch, linear_weight, mlp_refusal, model_type_of
 from slicekit.methods import MethodContext
-from slicekit.methods.common import keep_mlp_neurons, mlp_up_weights, plan_mlp_widths
+from slicekit.methods.common import (
+    keep_mlp_neurons,
+    mlp_up_weights,
+    mlp_width_of,
+    plan_mlp_widths,
+    select_expert_neurons,
+)
 from slicekit.methods.prunenet.config import PruneNetConfig
 from slicekit.shape import Plan
+
+
+def unsupported(model: nn.Module, config: PruneNetConfig) -> str | None:
+    """Mixture-of-experts MLPs: the weight-only baselines (random, magnitude) narrow every expert
+    of a layer to one width; the learned policy, trained on one dense MLP matrix per layer, does not
+    apply to them.  Other families: the table's MLP refusal."""
+    if get_arch(model.config).block.experts is not None:
+        if config.selection == "policy":
+            return ("its MLP is a mixture of experts and PruneNet's policy scores the rows of one dense MLP "
+                    "matrix per layer; use selection=random or selection=magnitude, which narrow every expert")
+        return None
+    return mlp_refusal(model, config)
 
 
 def plan(model: nn.Module, config: PruneNetConfig, fractions: list[float]) -> Plan:
@@ -46,6 +64,15 @@ def apply(model: nn.Module, plan_: Plan, config: PruneNetConfig, ctx: MethodCont
     spec = get_arch(model.config)
     layers = spec.layer_list(model)
     widths = plan_.mlp_widths()
+    if spec.block.experts is not None:
+        # every routed expert of layer l keeps widths[l] neurons (one width per layer), each expert
+        # its own, chosen by the weight-only baselines (the policy refuses experts: see unsupported)
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                if widths[i] < mlp_width_of(layer, spec):
+                    keep = select_expert_neurons(layer, spec, widths[i], config.selection, seed=config.policy_seed + i)
+                    keep_mlp_neurons(layer, spec, keep)
+        return {"selection": config.selection, "mlp_widths": widths}
     states = _states(model)
     summary: dict[str, Any] = {"selection": config.selection, "mlp_widths": widths}
     policy = None

@@ -31,12 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from slicekit.arch import get_arch, hidden_resize_overrides, hidden_resize_refusal, linear_bias, linear_weight
+from slicekit.arch import get_arch, hidden_resize_overrides, hidden_resize_refusal, linear_weight
 from slicekit.errors import SlicekitError
+from slicekit.invariance import (
+    fold_reader,
+    reader_weight,
+    rotate_any_reader,
+    stream_param_names,
+    writer_weight,
+)
 from slicekit.linalg import fold_scale_into_readers, pca_from_gram, rotate_reader, rotate_writer
 from slicekit.methods import MethodContext
 from slicekit.schedules import widths_from_fractions
-from slicekit.shape import Plan
+from slicekit.shape import Plan, mlp_stream_children
 
 
 def global_width(model: nn.Module, config: Any, fractions: list[float]) -> int:
@@ -46,11 +53,12 @@ def global_width(model: nn.Module, config: Any, fractions: list[float]) -> int:
     import math
 
     from slicekit.arch import attention_info
+    from slicekit.methods.slicegpt.procedure import width_multiple
 
     if len({round(f, 12) for f in fractions}) > 1:
         raise SlicekitError("rotation=global keeps one residual width for the whole model: use schedule=constant")
     hidden = model.config.hidden_size
-    multiple = math.lcm(config.round_to, attention_info(model.config).num_heads)
+    multiple = math.lcm(width_multiple(config, get_arch(model.config)), attention_info(model.config).num_heads)
     return widths_from_fractions(hidden, fractions[:1], multiple)[0]
 
 
@@ -99,10 +107,10 @@ def plan_global(model: nn.Module, config: Any, fractions: list[float]) -> Plan:
         p.untie()
     p.resize_embedding(spec.token_embedding, d)
     for i in range(len(spec.layer_list(model))):
-        for name in b.attn_readers + b.mlp_up:
+        for name in b.attn_readers:
             p.resize_linear(spec.layer_path(i, name), in_features=d)
-        for name in (b.attn_writer, b.mlp_down):
-            p.resize_linear(spec.layer_path(i, name), out_features=d)
+        p.resize_linear(spec.layer_path(i, b.attn_writer), out_features=d)
+        p.set_mlp_stream(i, read=d, write=d)
     p.resize_linear(spec.head, in_features=d)
     return p
 
@@ -174,26 +182,29 @@ def apply_global(model: nn.Module, plan_: Plan, config: Any, ctx: MethodContext)
         def at(name: str, i: int = i) -> str:
             return spec.layer_path(i, name)
 
-        groups = [(b.attn_norm, b.attn_readers + (b.mlp_up if b.mlp_norm is None else ()))]
+        prefix = spec.layer_path(i)
+        mlp_readers, mlp_writers = mlp_stream_children(spec)
+        groups = [(b.attn_norm, b.attn_readers + (mlp_readers if b.mlp_norm is None else ()))]
         if b.mlp_norm is not None:
-            groups.append((b.mlp_norm, b.mlp_up))
+            groups.append((b.mlp_norm, mlp_readers))
         for norm_name, readers in groups:
             gamma = _gamma(layer.get_submodule(norm_name), off)
             for r in readers:
-                lin = layer.get_submodule(r)
-                w, _ = fold_scale_into_readers(linear_weight(lin), None, gamma, None)
-                put(f"{at(r)}.weight", rotate_reader(w, q, d), lin.weight)
-                if linear_bias(lin) is not None:
-                    put(f"{at(r)}.bias", linear_bias(lin), lin.bias)
+                w0, b0 = reader_weight(layer, r)
+                wkey, bkey = stream_param_names(layer, r, "read")
+                w, _ = fold_reader(w0, None, gamma, None)
+                put(f"{prefix}.{wkey}", rotate_any_reader(w, q, d), w0)
+                if b0 is not None:
+                    put(f"{prefix}.{bkey}", b0, b0)
             norm_weight(at(norm_name), scale * ones)
-        for wname in (b.attn_writer, b.mlp_down):
-            lin = layer.get_submodule(wname)
-            w, bias = rotate_writer(linear_weight(lin), linear_bias(lin), q, d)
-            put(f"{at(wname)}.weight", w, lin.weight)
+        for wname in (b.attn_writer, *mlp_writers):
+            w0, b0 = writer_weight(layer, wname)
+            wkey, bkey = stream_param_names(layer, wname, "write")
+            w, bias = rotate_writer(w0, b0, q, d)
+            put(f"{prefix}.{wkey}", w, w0)
             if bias is not None:
-                put(f"{at(wname)}.bias", bias, lin.bias)
+                put(f"{prefix}.{bkey}", bias, b0)
         # everything else in the layer (q/k norms inside the heads) is unchanged
-        prefix = spec.layer_path(i)
         done = {n for n, t in new.get_submodule(prefix).named_parameters() if t.device.type != "meta"}
         for name, tensor in checkpoint_tensors(layer).items():
             if name not in done:

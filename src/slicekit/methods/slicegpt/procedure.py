@@ -8,21 +8,34 @@ blocks (one rotation per layer); the only difference is whether a mid-layer inte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from slicekit.arch import ArchSpec, get_arch, linear_bias, linear_weight, set_linear
+from slicekit.arch import ArchSpec, get_arch, linear_weight, set_linear
 from slicekit.calibration import CalibrationEngine, Gram, LayerStep
-from slicekit.invariance import invariant_plan, make_invariant, make_layer_invariant
+from slicekit.errors import SlicekitError
+from slicekit.invariance import (
+    invariant_plan,
+    make_invariant,
+    make_layer_invariant,
+    reader_weight,
+    rotate_stream_readers,
+    set_reader_weight,
+    set_writer_weight,
+    writer_weight,
+)
 from slicekit.linalg import pca_from_gram, rotate_reader, rotate_writer
 from slicekit.methods import MethodContext
+from slicekit.methods.common import EXPERT_WIDTH_MULTIPLE
 from slicekit.methods.slicegpt.config import SliceGPTConfig
 from slicekit.modeling_slicekit import SlicedLayer, UnitRMSNorm
 from slicekit.schedules import effective_slice_base, widths_from_fractions
-from slicekit.shape import Plan
+from slicekit.shape import Plan, mlp_stream_children
 
 
 @dataclass
@@ -38,19 +51,37 @@ class WidthPlan:
         return self.attn_in[layer + 1] if layer + 1 < len(self.attn_in) else self.head_in
 
 
+def width_multiple(config: SliceGPTConfig, spec: ArchSpec) -> int:
+    """Stream widths are multiples of ``round_to`` — and of 8 where mixture-of-experts modules read
+    the stream: transformers' grouped experts kernel needs 16-byte-aligned rows, and an expert
+    matrix ``D'`` wide fails there otherwise (:data:`slicekit.methods.common.EXPERT_WIDTH_MULTIPLE`)."""
+    if spec.block.experts is not None:
+        return math.lcm(config.round_to, EXPERT_WIDTH_MULTIPLE)
+    return config.round_to
+
+
 def plan_widths(config: SliceGPTConfig, spec: ArchSpec, hidden: int, fractions: list[float]) -> WidthPlan:
-    """Integer widths of every interface for per-layer slice fractions."""
-    widths = widths_from_fractions(hidden, fractions, config.round_to)
+    """Integer widths of every interface for per-layer slice fractions.
+
+    A mixture-of-experts MLP writes the width it reads (see
+    :func:`slicekit.modeling_slicekit.resize_experts`), so there the MLP reads the layer's *output*
+    width and the attention (whose output projection is a linear) makes any change of width; with
+    ``slice_head`` off the last layer's MLP therefore stays full width.
+    """
+    widths = widths_from_fractions(hidden, fractions, width_multiple(config, spec))
     head = widths[-1] if config.slice_head else hidden
     if spec.head_width_is_embedding_width:
         head = widths[0]
-    return WidthPlan(attn_in=list(widths), mlp_in=list(widths), head_in=head)
+    plan = WidthPlan(attn_in=list(widths), mlp_in=list(widths), head_in=head)
+    if spec.block.experts is not None:
+        if spec.block.parallel:  # no such family: _PaddedExperts calibrates sequential blocks only
+            raise SlicekitError("SliceGPT on a parallel block with a mixture-of-experts MLP is not implemented")
+        plan.mlp_in = [plan.out_width(i) for i in range(len(widths))]
+    return plan
 
 
 def _rotate_readers(layer: nn.Module, names, q: torch.Tensor, width: int) -> None:
-    for name in names:
-        lin = layer.get_submodule(name)
-        set_linear(lin, rotate_reader(linear_weight(lin), q, width, out_dtype=lin.weight.dtype))
+    rotate_stream_readers(layer, names, q, width)
 
 
 class _WriterInBasis:
@@ -65,16 +96,45 @@ class _WriterInBasis:
     """
 
     def __init__(self, layer: nn.Module, names: tuple[str, ...], q: torch.Tensor) -> None:
-        self.mods = [layer.get_submodule(n) for n in names]
-        self.saved = [(linear_weight(m).clone(), None if linear_bias(m) is None else linear_bias(m).clone())
-                      for m in self.mods]
-        for m, (w, b) in zip(self.mods, self.saved, strict=True):
-            set_linear(m, *rotate_writer(w, b, q, q.shape[1]))
+        self.layer, self.names = layer, names
+        self.saved = []
+        for n in names:
+            w, b = writer_weight(layer, n)
+            self.saved.append((w.clone(), None if b is None else b.clone()))
+        for n, (w, b) in zip(names, self.saved, strict=True):
+            set_writer_weight(layer, n, *rotate_writer(w, b, q, q.shape[1]))
 
     def finish(self, q: torch.Tensor, width: int) -> None:
-        for m, (w, b) in zip(self.mods, self.saved, strict=True):
-            set_linear(m, *rotate_writer(w, b, q, width))
+        for n, (w, b) in zip(self.names, self.saved, strict=True):
+            set_writer_weight(self.layer, n, *rotate_writer(w, b, q, width))
         self.saved = []
+
+
+class _PaddedExperts:
+    """A mixture-of-experts MLP made to read and write the *whole* stream while its layer is calibrated.
+
+    :class:`_WriterInBasis` lets the MLP write all ``D`` coordinates of the stream in the basis of
+    its input, but an experts block writes only the width it reads (the expert loop accumulates
+    into ``zeros_like`` of its input).  So during calibration the readers hold all ``D`` rotated
+    columns (``W·Q``) and the MLP's input, ``d`` wide, is zero-padded to ``D`` by a forward
+    pre-hook: ``W·Q·[h; 0] = W·Q[:, :d]·h`` exactly, router logits included.  :meth:`finish`
+    removes the hook and keeps the first ``d`` columns of every reader.
+    """
+
+    def __init__(self, layer: nn.Module, mlp: str, hidden: int) -> None:
+        self.layer = layer
+
+        def pad(module: nn.Module, args: tuple) -> tuple:
+            h = args[0]
+            return (F.pad(h, (0, hidden - h.shape[-1])), *args[1:])
+
+        self.hook = layer.get_submodule(mlp).register_forward_pre_hook(pad)
+
+    def finish(self, readers, width: int) -> None:
+        self.hook.remove()
+        for path in readers:
+            w, bias = reader_weight(self.layer, path)
+            set_reader_weight(self.layer, path, w[..., :width].clone(), bias)
 
 
 def _set_norm(layer: nn.Module, name: str | None, width: int, norm_dim: int) -> None:
@@ -163,9 +223,10 @@ class RotateAndSlice:
     def process_layer(self, step: LayerStep) -> None:
         make_layer_invariant(self.model, step.index, self.spec)
         layer, b, i, hidden = step.layer, self.spec.block, step.index, self.hidden
+        mlp_readers, mlp_writers = mlp_stream_children(self.spec)
         q_in, d_in = self.q.to(step.device), self.width
         d_out = self.plan.out_width(i)
-        readers = b.attn_readers + (b.mlp_readers if b.parallel else ())
+        readers = b.attn_readers + (mlp_readers if b.parallel else ())
         _rotate_readers(layer, readers, q_in, d_in)
         _set_norm(layer, b.attn_norm, d_in, hidden)
         if b.parallel:
@@ -186,16 +247,22 @@ class RotateAndSlice:
             q_cur, d_cur = q_in @ v, d_mid
             writer.finish(q_cur, d_mid)
             _set_shortcut(layer, "attn_shortcut", v[:d_in, :d_mid])
-            _rotate_readers(layer, b.mlp_readers, q_cur, d_mid)
+            if b.experts is None:
+                _rotate_readers(layer, mlp_readers, q_cur, d_mid)
+            else:  # see _PaddedExperts: full-width readers until the MLP's output basis is known
+                _rotate_readers(layer, mlp_readers, q_cur, hidden)
+                padded = _PaddedExperts(layer, b.mlp[0], hidden)
             _set_norm(layer, b.mlp_norm, d_mid, hidden)
             _set_shortcut(layer, "mlp_shortcut", None)
             inputs = _project(obs.outputs, v, d_mid)
             del obs
-        writers = (b.attn_writer, b.mlp_writer) if b.parallel else (b.mlp_writer,)
+        writers = (b.attn_writer, *mlp_writers) if b.parallel else mlp_writers
         writer = _WriterInBasis(layer, writers, q_cur)
         obs = step.forward(grams=[":output"], keep_outputs=True, inputs=inputs,
                            call=None if b.parallel else _mlp_half)
         del inputs
+        if b.experts is not None and not b.parallel:
+            padded.finish(mlp_readers, d_cur)
         v = self._pca(obs.grams[":output"], d_out, q_cur)
         q_out = q_cur @ v
         writer.finish(q_out, d_out)
@@ -236,22 +303,19 @@ def plan(model: nn.Module, config: SliceGPTConfig, fractions: list[float]) -> Pl
         def at(name: str, i: int = i) -> str:
             return spec.layer_path(i, name)
 
-        readers = b.attn_readers + (b.mlp_up if b.parallel else ())
-        for name in readers:
+        for name in b.attn_readers:
             p.resize_linear(at(name), in_features=d_in)
         p.modules[at(b.attn_norm)]["dim"] = d_in
         if b.parallel:
             if b.mlp_norm is not None:
                 p.modules[at(b.mlp_norm)]["dim"] = d_in
-            for name in (b.attn_writer, b.mlp_down):
-                p.resize_linear(at(name), out_features=d_out)
+            p.resize_linear(at(b.attn_writer), out_features=d_out)
+            p.set_mlp_stream(i, read=d_in, write=d_out)
             p.blocks[spec.layer_path(i)].update(attn_shortcut=[d_in, d_out], mlp_shortcut=None)
         else:
             p.resize_linear(at(b.attn_writer), out_features=d_mid)
-            for name in b.mlp_up:
-                p.resize_linear(at(name), in_features=d_mid)
             p.modules[at(b.mlp_norm)]["dim"] = d_mid
-            p.resize_linear(at(b.mlp_down), out_features=d_out)
+            p.set_mlp_stream(i, read=d_mid, write=d_out)
             p.blocks[spec.layer_path(i)].update(attn_shortcut=[d_in, d_mid], mlp_shortcut=[d_mid, d_out])
     p.modules[spec.final_norm]["dim"] = widths.head_in
     p.resize_linear(spec.head, in_features=widths.head_in)
@@ -287,5 +351,5 @@ def apply(model: nn.Module, plan_: Plan, config: SliceGPTConfig, ctx: MethodCont
 
 def schedule_kwargs(model: nn.Module, config: SliceGPTConfig) -> dict:
     """Scored schedules are rounded to realisable widths with the constant schedule's total."""
-    return {"full_width": model.config.hidden_size, "multiple": config.round_to}
+    return {"full_width": model.config.hidden_size, "multiple": width_multiple(config, get_arch(model.config))}
 
