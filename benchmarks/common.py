@@ -345,6 +345,24 @@ def same_settings(old: dict[str, Any], args: argparse.Namespace, keys: tuple[str
     return all(old.get(k) == scrub(getattr(args, k)) for k in keys)
 
 
+def resume(out: Path, args: argparse.Namespace, keys: tuple[str, ...], script: str,
+           argv: list[str] | None) -> tuple[dict[str, Any], str]:
+    """``(raw, command)`` of a resumable script: the ``raw`` part of ``out`` when it was made with
+    this run's ``keys`` (else empty), and the chain of commands that made the file, this one last."""
+    raw: dict[str, Any] = {}
+    commands: list[str] = []
+    if out.exists() and not args.fresh:
+        old = json.loads(out.read_text())
+        if same_settings(old.get("settings", {}), args, keys) and "raw" in old:
+            raw = old["raw"]
+            commands = [c for c in old["command"].split(" && ") if c]
+            log(f"resuming: {len(raw.get('rows', {}))} rows from {out}")
+        else:
+            log(f"{out} has other settings: starting afresh")
+    commands.append(command_line(script, argv, prefix="nice -n 10 python"))
+    return raw, " && ".join(dict.fromkeys(commands))
+
+
 def check_result(doc: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first way ``doc`` departs from the result schema."""
     for key, kind in SCHEMA.items():

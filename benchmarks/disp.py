@@ -25,7 +25,6 @@ skips rows already there (``--fresh`` ignores them).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,11 @@ from common import (
     above_chance,
     benchmark_parser,
     calibration_set,
-    command_line,
     compress_row,
     evaluate_row,
     evaluation_windows,
     log,
-    same_settings,
+    resume,
     scored_tasks,
     setup,
     write_result,
@@ -233,17 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {m for m in args.only.split(",") if m}
     lrs = disp_rows(args)
     rows: dict[str, dict[str, Any]] = {}
-    commands: list[str] = []
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
-        if same_settings(old.get("settings", {}), args, CACHE_KEYS) and "raw" in old:
-            rows = old["raw"]["rows"]
-            commands = [c for c in old["command"].split(" && ") if c]
-            log(f"resuming: {len(rows)} rows from {out}")
-        else:
-            log(f"{out} has other settings: starting afresh")
-    commands.append(command_line("disp.py", argv, prefix="nice -n 10 python"))
-    command = " && ".join(dict.fromkeys(commands))
+    raw, command = resume(out, args, CACHE_KEYS, "disp.py", argv)
+    rows = raw.get("rows", rows)
 
     dense, tok = load_model(args.model)
     dense.eval()

@@ -59,13 +59,12 @@ from common import (
     above_chance,
     benchmark_parser,
     calibration_set,
-    command_line,
     compress_row,
     evaluate_row,
     evaluation_windows,
     log,
     method_config,
-    same_settings,
+    resume,
     scored_tasks,
     setup,
     tensors_digest,
@@ -333,18 +332,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {"overlap_merge_delete": {}, "overlap_policy_magnitude": {}, "observations": []}
-    commands: list[str] = []
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
-        same = same_settings(old.get("settings", {}), args, CACHE_KEYS)
-        if same and "raw" in old:
-            rows, extra = old["raw"]["rows"], {**extra, **old["raw"]["extra"]}
-            commands = [c for c in old["command"].split(" && ") if c]
-            log(f"resuming: {len(rows)} rows from {out}")
-        else:
-            log(f"{out} has other settings: starting afresh")
-    commands.append(command_line("mlp_methods.py", argv, prefix="nice -n 10 python"))
-    command = " && ".join(dict.fromkeys(commands))
+    raw, command = resume(out, args, CACHE_KEYS, "mlp_methods.py", argv)
+    if raw:
+        rows, extra = raw["rows"], {**extra, **raw["extra"]}
 
     dense, tok = load_model(args.model)
     dense.eval()

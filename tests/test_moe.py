@@ -28,7 +28,7 @@ from slicekit.methods import MethodContext, get_method
 from slicekit.models import count_parameters
 from slicekit.pipeline import compress
 from slicekit.shape import Plan, count_built, count_plan
-from tiny import logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
+from tiny import logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
@@ -62,13 +62,6 @@ def _route(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor],
     return [f[0] for f in found], [f[1] for f in found]
 
 
-def _real_counts(model: torch.nn.Module) -> dict[str, int]:
-    spec = get_arch(model.config)
-    total = sum(p.numel() for p in model.parameters())
-    emb = {id(p): p.numel() for m in [*spec.embeddings(model), model.get_submodule(spec.head)]
-           for p in m.parameters(recurse=False)}
-    decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
-    return {"total": total, "non_embedding": total - sum(emb.values()), "decoder": decoder}
 
 
 # ------------------------------------------------------------------------ the plan and the counter
@@ -88,7 +81,7 @@ def test_plan_lists_routers_and_experts_and_counts_them(arch):
         assert plan.modules[spec.layer_path(i, e.router)] == {"type": "router", "num_experts": n_exp,
                                                               "in_features": cfg.hidden_size}
     assert plan.is_plain()
-    assert count_plan(plan).as_dict() == _real_counts(model) == count_built(plan).as_dict()
+    assert count_plan(plan).as_dict() == tensor_counts(model) == count_built(plan).as_dict()
     # the counter counts the planned experts, not the architecture's: a narrower stream and expert width
     narrow = plan.copy()
     narrow.set_mlp_stream(0, read=40, write=40)
@@ -151,7 +144,7 @@ def test_slicegpt_shapes_and_counts_are_the_plan(arch):
     out = logits(model, x)
     assert torch.isfinite(out).all() and 0 < rel_error(out, ref) < 1.0
     assert Plan.of(model).shape() == report.plan.shape()
-    assert count_parameters(model) == count_plan(report.plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(report.plan).as_dict() == tensor_counts(model)
     assert count_built(report.plan) == count_plan(report.plan)
     spec = get_arch(model.config)
     e = spec.block.experts
@@ -189,7 +182,7 @@ def test_slicegpt_with_changing_widths_and_a_sliced_head(arch):
     reads = [plan.modules[spec.layer_path(i, spec.block.experts.router)]["in_features"] for i in range(2)]
     assert reads == [32, 32]  # layer 0 writes layer 1's input width (32), layer 1 the sliced head's
     assert torch.isfinite(logits(model, tiny_inputs())).all()
-    assert count_parameters(model) == _real_counts(model)
+    assert count_parameters(model) == tensor_counts(model)
 
 
 # ------------------------------------------------------------------------ save → load, generate
@@ -255,7 +248,7 @@ def test_global_rotation_gives_a_plain_moe_model(arch, tmp_path):
     report = compress(model, None, "slicegpt", _slicegpt(slicing=0.25, rotation="global"),
                       batches=tiny_calibration(), progress=False)
     assert model.config.hidden_size == 48 and report.plan.is_plain()
-    assert count_parameters(model) == count_plan(report.plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(report.plan).as_dict() == tensor_counts(model)
     out_logits = logits(model, x)
     out = tmp_path / "g"
     assert save(model, None, str(out)) == "vanilla"
@@ -313,7 +306,7 @@ def test_magnitude_pruning_of_experts_removes_exactly_the_dead_neurons(arch):
     plan = _prune_experts(model, [kept] * model.config.num_hidden_layers, "magnitude")
     assert rel_error(logits(model, x), ref) < 1e-6
     assert Plan.of(model).shape() == plan.shape()
-    assert count_parameters(model) == count_plan(plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(plan).as_dict() == tensor_counts(model)
     n_exp = getattr(model.config, spec.block.experts.num_experts_key)
     removed = count_plan(Plan.of(tiny_model(arch))).decoder - count_plan(plan).decoder
     assert removed == model.config.num_hidden_layers * 3 * n_exp * (width - kept) * model.config.hidden_size
@@ -395,7 +388,7 @@ def test_prunenet_baselines_compress_moe_through_the_pipeline(arch, selection):
     model = tiny_model(arch)
     report = compress(model, None, "prunenet", cfg(selection=selection, target_params=0.25), progress=False)
     assert Plan.of(model).shape() == report.plan.shape()
-    assert count_parameters(model) == count_plan(report.plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(report.plan).as_dict() == tensor_counts(model)
     assert report.params_compressed["decoder"] < report.params_original["decoder"]
     assert torch.isfinite(logits(model, x)).all()
     with pytest.raises(SlicekitError, match="expert"):

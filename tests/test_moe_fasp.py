@@ -19,7 +19,7 @@ from slicekit.methods.fasp.structure import neuron_cost
 from slicekit.models import count_parameters
 from slicekit.pipeline import compress
 from slicekit.shape import Plan, count_built, count_plan, layer_counts
-from tiny import logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
+from tiny import logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
@@ -28,14 +28,6 @@ def _fasp(**kwargs):
     return get_method("fasp").config_cls(**kwargs)
 
 
-def _real_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Counted from the tensors themselves, independently of slicekit's counter."""
-    spec = get_arch(model.config)
-    total = sum(p.numel() for p in model.parameters())
-    emb = {id(p): p.numel() for m in [*spec.embeddings(model), model.get_submodule(spec.head)]
-           for p in m.parameters(recurse=False)}
-    decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
-    return {"total": total, "non_embedding": total - sum(emb.values()), "decoder": decoder}
 
 
 def _kept_neurons(before: torch.Tensor, after: torch.Tensor) -> list[list[int]]:
@@ -86,7 +78,7 @@ def test_target_is_met_on_the_one_counter(arch):
                       batches=tiny_calibration(), progress=False)
     assert all(w % EXPERT_WIDTH_MULTIPLE == 0 for w in report.plan.mlp_widths())
     assert Plan.of(model).shape() == report.plan.shape()
-    assert count_parameters(model) == count_plan(report.plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(report.plan).as_dict() == tensor_counts(model)
     assert count_built(report.plan) == count_plan(report.plan)
     before, after = report.params_original["decoder"], report.params_compressed["decoder"]
     spec = get_arch(model.config)
@@ -217,7 +209,7 @@ def test_kv_groups_and_experts_together_save_and_load(arch, tmp_path):
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     q = model.get_submodule(spec.attn_path(0, spec.block.attn_q))
     assert q.weight.shape[0] == model.config.num_attention_heads // 2 * head_dim
-    assert count_parameters(model) == count_plan(report.plan).as_dict() == _real_counts(model)
+    assert count_parameters(model) == count_plan(report.plan).as_dict() == tensor_counts(model)
     x = tiny_inputs()
     ref = logits(model, x)
     assert torch.isfinite(ref).all()

@@ -154,3 +154,15 @@ def write_tiny_gguf(path, context_length: int = 128):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tensor_counts(model) -> dict[str, int]:
+    """Parameter counts read off the tensors themselves, independently of slicekit's counter."""
+    from slicekit.arch import get_arch
+
+    spec = get_arch(model.config)
+    total = sum(p.numel() for p in model.parameters())
+    emb = {id(p): p.numel() for m in [*spec.embeddings(model), model.get_submodule(spec.head)]
+           for p in m.parameters(recurse=False)}
+    decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
+    return {"total": total, "non_embedding": total - sum(emb.values()), "decoder": decoder}
