@@ -71,6 +71,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zs-batch-size", type=int, default=8, help="lm-eval batch size (default %(default)s)")
     p.add_argument("--only", default="", help="comma-separated methods to run (default: all of --methods)")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out")
+    p.add_argument("--redo", default="",
+                   help="comma-separated row labels (e.g. 'disp lr=0.01') to recompute at every share even if "
+                        "cached, after a change to the method")
     args = p.parse_args(argv)
     if args.zeroshot_shares is None:
         args.zeroshot_shares = args.shares
@@ -152,13 +155,15 @@ def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, co
                 continue
             t, target = r["summary"]["training"], 1 - s
             hard = r["summary"]["learned_kept_fraction"]
-            train.append([label, s, r["settings"].get("lr", lr), t["tokens"], t["steps"], args.train_seqlen, round(t["seconds"] / 60, 1),
+            train.append([label, s, r["settings"].get("lr", lr), r["settings"].get("noise_anneal", 0.0),
+                          t["tokens"], t["steps"], args.train_seqlen, round(t["seconds"] / 60, 1),
                           round(t["tokens"] / t["seconds"], 1), round(t["ce_first"], 3), round(t["ce_last"], 3),
                           round(t["kept_first"], 4), round(t["kept_last"], 4), round(hard, 4), round(target, 4),
                           round(100 * (hard - target) / target, 2), round(r["summary"]["kept_fraction"], 4)])
         if train:
             tables.append({"title": "DISP training budget and where its masks ended",
-                           "columns": ["row", "target", "lr", "tokens", "steps", "seqlen", "training min", "tokens/s",
+                           "columns": ["row", "target", "lr", "noise anneal", "tokens", "steps", "seqlen", "training min",
+                                       "tokens/s",
                                        "CE first", "CE last tenth", "kept (Gumbel) first", "kept (Gumbel) last tenth",
                                        "kept (hard masks)", "target kept", "hard vs target %",
                                        "kept after solver"],
@@ -181,6 +186,9 @@ def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, co
         "the constant width, a multiple of 8, whose real count with its shortcut matrices is closest); decoder "
         "params are the compressed model's real counts (DISP's index buffers are integers, not parameters)",
         "compress s includes DISP's training; peak RSS is the process's (it also holds the dense model)",
+        "noise anneal: the final share of the training steps over which the Gumbel noise shrinks to zero "
+        "(DISPConfig.noise_anneal, 0.25 by default since it was added; 0 = the paper's full noise throughout, as "
+        "the rows made before it ran); with it the regulariser acts on the deterministic masks the surgery applies",
     ]
     return {"title": "DISP-LLM vs SliceGPT, FASP and MoDeGPT on SmolLM2-135M at equal real size (#18)",
             "command": command,
@@ -233,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     raw, command = resume(out, args, CACHE_KEYS, "disp.py", argv)
     rows = raw.get("rows", rows)
+    redo = {m for m in args.redo.split(",") if m}
+    for key in [k for k in rows if k.split("@")[0] in redo]:
+        del rows[key]
 
     dense, tok = load_model(args.model)
     dense.eval()

@@ -38,7 +38,9 @@ def test_named_dataset_from_data_dir(data_dir):
     cal = load_text("wikitext2", purpose="calibration")
     assert "wiki.valid.tokens" in cal.description  # the train split is not shipped: validation
     brown = load_text("brown", purpose="eval")
-    assert len(brown.rows) > 100
+    train = load_text("brown", purpose="calibration")
+    assert len(brown.rows) == 50 and len(train.rows) == 450  # 500 texts, the first 50 held out
+    assert not set(brown.rows) & set(train.rows)
 
 
 def test_calibration_never_reads_an_eval_split(data_dir):

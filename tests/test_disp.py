@@ -293,3 +293,24 @@ def test_select_orders_by_score_and_keeps_one_per_structure():
     assert [k.tolist() for k in select(scores, 0.99)] == [[0], [1]]
     assert [k.tolist() for k in select(scores, 0.99, cap=0.5)] == [[0, 2], [1]]  # ⌈0.5·n⌉ kept each
     assert [k.tolist() for k in select(scores, None, cap=0.4)] == [[0, 2], [0, 1]]  # ⌈0.6·n⌉ kept each
+
+
+def test_noise_annealing_ends_on_the_deterministic_masks():
+    from slicekit.methods.disp.hypernet import gumbel_sigmoid_masks
+    from slicekit.methods.disp.procedure import noise_scale
+
+    assert [noise_scale(s, 8, 0.0) for s in range(8)] == [1.0] * 8  # off: the paper's full noise
+    assert [noise_scale(s, 8, 0.5) for s in range(8)] == [1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert noise_scale(0, 1, 0.25) == 1.0 and noise_scale(0, 4, 1.0) == 0.75  # no step past the range
+    logits = [torch.linspace(-2.0, 2.0, 41)]
+    noisy = gumbel_sigmoid_masks(logits, 0.5, 0.4, torch.Generator().manual_seed(0))[0]
+    quiet = gumbel_sigmoid_masks(logits, 0.5, 0.4, torch.Generator().manual_seed(0), noise_scale=0.0)[0]
+    assert torch.equal(quiet, (logits[0] + 0.5 > 0).float())  # the masks the surgery applies
+    assert not torch.equal(noisy, quiet)
+    with pytest.raises(SlicekitError, match="noise_anneal"):
+        DISPConfig(noise_anneal=1.5)
+    # the training log says where the final, noise-free step ended
+    model = tiny_model("llama")
+    out = learn(model, DISPConfig(target_params=0.3, train_tokens=256, lr=1e-2, noise_anneal=0.5),
+                MethodContext(tiny_calibration(), progress=False))
+    assert out.log["noise_anneal"] == 0.5 and 0.0 < out.log["kept_final_step"] <= 1.0

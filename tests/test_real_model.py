@@ -105,3 +105,27 @@ def test_sliced_model_round_trip_and_generation(smollm2, data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     err, same, new = proc.stdout.split()
     assert float(err) <= 1e-5 and same == "True" and int(new) == 20
+
+
+def test_demo_pipeline_end_to_end(smollm2_pristine, data_dir, tmp_path):
+    """The README's first command at toy sizes: a really smaller model, recovered, checked at
+    every stage (perplexity, zero-shot, generation), saved and reloaded to the same text."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", "demo", "--json", "--quiet", "--out", str(out),
+                           "--cal-nsamples", "2", "--cal-seqlen", "256", "--eval-seqlen", "256",
+                           "--eval-max-windows", "2", "--recover-tokens", "1024", "--zeroshot-limit", "4",
+                           "--zeroshot-tasks", "piqa,arc_easy"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    po, pc = res["params"]["original"], res["params"]["compressed"]
+    assert pc["total"] < po["total"] and pc["decoder"] < 0.76 * po["decoder"]
+    assert res["file_bytes"]["compressed"] < res["file_bytes"]["original_f32"]
+    assert set(res["generation"]) == {"original", "compressed", "recovered"}
+    assert all(g.startswith("The capital of France is") for g in res["generation"].values())
+    assert set(res["zeroshot"]) == {"original", "compressed", "recovered"}
+    assert all(z["limit"] == 4 and set(z["scores"]) == {"piqa", "arc_easy"} for z in res["zeroshot"].values())
+    assert res["recovery"]["tokens"] == 1024 and res["reload_max_rel_error"] < 1e-5
+    assert res["reloaded_generates_the_same"] and res["reloaded_generation"] == res["generation"]["recovered"]
+    assert res["ppl_original"] < res["ppl_compressed"] and math.isfinite(res["ppl_recovered"])
+    assert (out / "config.json").is_file()

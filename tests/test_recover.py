@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slicekit.arch import get_arch
+from slicekit.data import tokenize_text
 from slicekit.errors import SlicekitError
 from slicekit.recover import (
     RecoverConfig,
@@ -49,7 +50,9 @@ def text(tmp_path):
 
 
 def _cfg(text: str, **kw) -> RecoverConfig:
-    base = dict(dataset=text, seqlen=32, tokens=32 * 4 * 12, batch_size=4, lr=3e-3, warmup=0.1, seed=3)
+    # float32 unless a test asks otherwise: "auto" would pick bf16 on some CPUs and not on others
+    base = dict(dataset=text, seqlen=32, tokens=32 * 4 * 12, batch_size=4, lr=3e-3, warmup=0.1, seed=3,
+                precision="fp32")
     return RecoverConfig(**{**base, **kw})
 
 
@@ -97,7 +100,7 @@ def _slicegpt(model):
     dict(warmup=1.0), dict(weight_decay=-0.1), dict(mode="qlora"), dict(lora_r=0), dict(lora_alpha=0),
     dict(lora_dropout=1.0), dict(loss="mse"), dict(kd_temperature=0), dict(kd_alpha=1.5), dict(kd_topk=0),
     dict(hidden_distill=-1), dict(teacher_cache="ram"), dict(hidden_distill=1.0, teacher_cache="disk"),
-    dict(seed=-1), dict(checkpoint_every=-1), dict(dataset=""), dict(max_grad_norm=0.0),
+    dict(seed=-1), dict(checkpoint_every=-1), dict(dataset=""), dict(max_grad_norm=0.0), dict(precision="fp16"),
 ])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SlicekitError):
@@ -149,11 +152,21 @@ def test_named_data_is_described_without_machine_paths(tok, tmp_path, monkeypatc
     from slicekit.recover import recovery_stream
 
     (tmp_path / "brown").mkdir()
-    (tmp_path / "brown" / "brown.txt").write_text(TEXT)
+    texts = [f"text number {k}. " + TEXT[: 200 + k] for k in range(60)]
+    (tmp_path / "brown" / "brown.txt").write_text("\n\n".join(texts) + "\n")
     monkeypatch.setenv("SLICEKIT_DATA_DIR", str(tmp_path))
     stream = recovery_stream(tok, RecoverConfig(dataset="brown", seqlen=64))
-    assert stream.description.startswith("brown/train") and str(tmp_path) not in stream.description
+    assert stream.description.startswith("brown/train (texts 51–end)") and str(tmp_path) not in stream.description
     assert "$SLICEKIT_DATA_DIR" in stream.description
+    # Brown has no official splits: recovery reads texts 51 on, evaluation the first 50
+    from slicekit.data import load_text
+
+    train, test = load_text("brown", purpose="calibration"), load_text("brown", purpose="eval")
+    assert [r.split(".")[0] for r in train.rows] == [f"text number {k}" for k in range(50, 60)]
+    assert [r.split(".")[0] for r in test.rows] == [f"text number {k}" for k in range(50)]
+    assert torch.equal(stream.ids, tokenize_text(tok, train.joined()))
+    with pytest.raises(SlicekitError, match="evaluation split"):
+        load_text("brown", "test", purpose="calibration")
 
 
 def test_token_stream_is_seeded_and_covers_each_epoch():
@@ -207,6 +220,45 @@ def test_lora_lowers_the_loss_and_keeps_names_and_shapes(arch, tok, text):
     ids = tok(TEXT[:400], return_tensors="pt").input_ids[:, :32]
     with torch.no_grad():
         assert model(input_ids=ids, labels=ids).loss < ref(input_ids=ids, labels=ids).loss - 0.3
+
+
+def test_precision_resolution():
+    from slicekit.recover import _cpu_has_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert RecoverConfig().precision == "auto"
+    assert resolve_precision("auto", cpu) == ("bf16" if _cpu_has_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
+def test_bf16_autocast_trains_in_bf16_and_keeps_float32_weights(tok, text):
+    """``precision="bf16"``: the decoder's matrix products run in bf16 (seen by a hook during
+    training), the teacher's too; weights, optimizer and the merged output stay float32; the
+    distillation still converges."""
+    teacher = tiny_model("llama")
+    student = _perturbed(teacher)
+    before = _shapes(student)
+    seen: dict[str, set] = {"student": set(), "teacher": set()}
+    hooks = [m.register_forward_hook(lambda mod, a, out, who=who: seen[who].add(out.dtype))
+             for who, model in (("student", student), ("teacher", teacher))
+             for m in [get_arch(model.config).layer_list(model)[0].mlp.down_proj]]
+    report = recover(student, tok, _cfg(text, tokens=32 * 4 * 30, precision="bf16", mode="full", lr=1e-3), teacher,
+                     progress=False)
+    for h in hooks:
+        h.remove()
+    assert seen == {"student": {torch.bfloat16}, "teacher": {torch.bfloat16}}
+    assert report.precision == "bf16" and report.summary()["precision"] == "bf16"
+    assert _shapes(student) == before and all(p.dtype == torch.float32 for p in student.parameters())
+    kl = [c["kl"] for c in report.loss_curve]
+    assert sum(kl[-3:]) / 3 < 0.5 * kl[0]
+    other = copy.deepcopy(student)
+    dtypes: set = set()
+    hook = get_arch(other.config).layer_list(other)[0].mlp.down_proj.register_forward_hook(
+        lambda mod, a, out: dtypes.add(out.dtype))
+    fp32 = recover(other, tok, _cfg(text, tokens=32 * 4), progress=False)
+    hook.remove()
+    assert fp32.precision == "fp32" and dtypes == {torch.float32}
 
 
 def test_distillation_from_the_dense_copy_drives_kl_to_zero(tok, text):

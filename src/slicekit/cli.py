@@ -714,8 +714,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end job on the packaged SmolLM2-135M")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--target-params", type=float, default=0.25, help="fraction of decoder parameters removed")
-    p.add_argument("--recover-tokens", type=int, default=8192,
+    p.add_argument("--recover-tokens", type=int, default=32768,
                    help="recovery (distillation) budget in tokens of Brown; 0 skips recovery")
+    p.add_argument("--zeroshot-limit", type=int, default=20,
+                   help="zero-shot check on the first N items of each task at every stage; 0 skips it")
+    p.add_argument("--zeroshot-tasks", default="piqa,arc_easy,winogrande,hellaswag")
     p.add_argument("--cal-nsamples", type=int, default=16)
     p.add_argument("--cal-seqlen", type=int, default=2048)
     p.add_argument("--eval-seqlen", type=int, default=2048)

@@ -35,22 +35,40 @@ def run_demo(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     test = load_text("wikitext2", purpose="eval")
     windows = eval_windows(tok, test, args.eval_seqlen, args.eval_max_windows)
-    log(f"[2/7] perplexity of the original on {windows.shape[0]} × {args.eval_seqlen} tokens of {test.description}")
+    tasks = [t for t in args.zeroshot_tasks.split(",") if t] if args.zeroshot_limit else []
+    stages: dict[str, dict] = {}
+
+    def check(stage: str, m: torch.nn.Module) -> None:
+        """The short quality check every stage gets: zero-shot on the first items, greedy text."""
+        entry: dict = {"generation": _generate(m, tok, PROMPT)}
+        if tasks:
+            from slicekit.zeroshot import evaluate_tasks
+
+            entry["zeroshot"] = evaluate_tasks(m, tok, tasks, limit=args.zeroshot_limit, batch_size=8,
+                                               progress=False)
+        stages[stage] = entry
+
+    log(f"[2/7] perplexity of the original on {windows.shape[0]} × {args.eval_seqlen} tokens of {test.description}"
+        + (f"; zero-shot on the first {args.zeroshot_limit} items of {', '.join(tasks)}" if tasks else ""))
     nll0, ntok = perplexity_of_windows(model, windows, progress=not args.quiet)
+    check("original", model)
     cal = CalibrationRequest("wikitext2", None, args.cal_nsamples, args.cal_seqlen, batch_size=4, seed=42)
     teacher = copy.deepcopy(model) if args.recover_tokens else None
     log(f"[3/7] FASP removing {args.target_params:.0%} of the decoder parameters, {cal.nsamples} × {cal.seqlen} "
         "calibration tokens")
     report = compress(model, tok, "fasp", FASPConfig(target_params=args.target_params), cal, progress=not args.quiet)
-    log("[4/7] perplexity of the compressed model")
+    log("[4/7] quality of the compressed model")
     nll1, _ = perplexity_of_windows(model, windows, progress=not args.quiet)
+    check("compressed", model)
     nll2, rec = nll1, None
     if args.recover_tokens:
-        log(f"[5/7] recovery: LoRA distillation from the dense model, {args.recover_tokens} tokens of Brown")
-        rec = recover(model, tok, RecoverConfig(dataset="brown", seqlen=256, batch_size=4, tokens=args.recover_tokens,
-                                                lr=1e-3), teacher=teacher, progress=not args.quiet)
+        log(f"[5/7] recovery: full fine-tuning distilled from the dense model on {args.recover_tokens} tokens of "
+            "Brown (its train split; never the evaluation text)")
+        rec = recover(model, tok, RecoverConfig(dataset="brown", seqlen=512, batch_size=4, tokens=args.recover_tokens,
+                                                mode="full", lr=2e-4), teacher=teacher, progress=not args.quiet)
         del teacher
         nll2, _ = perplexity_of_windows(model, windows, progress=not args.quiet)
+        check("recovered", model)
     log(f"[6/7] saving to {args.out} and reloading")
     info = {"title": "SmolLM2-135M-Instruct, FASP (slicekit demo)", "method": "fasp", "base_model": args.model,
             "settings": report.settings, "calibration": report.calibration,
@@ -76,11 +94,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if rel > 1e-5:
         raise SlicekitError(f"reloaded model differs from the in-memory one (relative error {rel:.2e})")
     log("[7/7] generating with the reloaded model")
-    prompt = "The capital of France is"
-    ids = tok2(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        gen = reloaded.generate(ids, max_new_tokens=20, do_sample=False)
-    text = tok2.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)
+    reloaded_text = _generate(reloaded, tok2, PROMPT)
+    final = "recovered" if rec else "compressed"
+    same_text = reloaded_text == stages[final]["generation"]  # logits already agree to 1e-5; greedy ties aside
+    zs = {k: v["zeroshot"] for k, v in stages.items() if "zeroshot" in v}
+    scored = [t for t in tasks if zs and zs["original"].scores[t].score > zs["original"].scores[t].chance]
     po, pc = report.params_original, report.params_compressed
     result = {
         "model": args.model, "target_params": args.target_params, "calibration": report.calibration,
@@ -92,7 +110,12 @@ def run_demo(args: argparse.Namespace) -> int:
         "file_bytes": {"compressed": _dir_bytes(args.out), "original_f32": 4 * po_total(report)},
         "params": {"original": po, "compressed": pc}, "compression_seconds": report.measurement.seconds,
         "compression_peak_rss_mib": report.measurement.rss_peak / 2**20,
-        "saved": args.out, "format": fmt, "reload_max_rel_error": rel, "generation": prompt + text,
+        "saved": args.out, "format": fmt, "reload_max_rel_error": rel,
+        "generation": {k: PROMPT + v["generation"] for k, v in stages.items()},
+        "reloaded_generation": PROMPT + reloaded_text, "reloaded_generates_the_same": same_text,
+        "zeroshot": {k: v.as_dict() for k, v in zs.items()},
+        "zeroshot_above_chance_retained": {k: v.above_chance_retention(zs["original"], scored)
+                                           for k, v in zs.items() if k != "original" and scored},
         "total_seconds": time.perf_counter() - t_start,
     }
     if args.json:
@@ -112,6 +135,15 @@ def run_demo(args: argparse.Namespace) -> int:
     if rec:
         print(f"| {'  after recovery':<27} | {'':>13} | {result['ppl_recovered']:>13.3f} | "
               f"{result['ppl_recovered'] / result['ppl_original']:>6.3f} |")
+    if zs:
+        z0 = zs["original"]
+        later = [k for k in ("compressed", "recovered") if k in zs]
+        print(f"| {'zero-shot mean (' + str(args.zeroshot_limit) + '/task)':<27} | {z0.average(tasks):>13.3f} | "
+              f"{zs[later[-1]].average(tasks):>13.3f} | {zs[later[-1]].average(tasks) / max(z0.average(tasks), 1e-9):>6.3f} |")
+        for k in later:
+            kept = result["zeroshot_above_chance_retained"].get(k)
+            if kept is not None:
+                print(f"| {'  above-chance kept, ' + k[:10]:<27} | {'':>13} | {kept:>13.3f} | {'':>6} |")
     for k, label in (("total", "parameters (total)"), ("non_embedding", "parameters (no embeddings)"),
                      ("decoder", "parameters (decoder layers)")):
         print(f"| {label:<27} | {po[k]:>13,} | {pc[k]:>13,} | {pc[k] / po[k]:>6.3f} |")
@@ -123,9 +155,27 @@ def run_demo(args: argparse.Namespace) -> int:
           "for the original in float32")
     print(f"also loads with: AutoModelForCausalLM.from_pretrained({args.out!r}"
           + (")" if fmt == "vanilla" else ", trust_remote_code=True)"))
-    print(f"generation (greedy, reloaded model): {result['generation']!r}")
+    for stage in stages:
+        print(f"greedy text, {stage + ':':<12} {result['generation'][stage]!r}")
+    print(f"the reloaded model generates {'the same text' if same_text else repr(result['reloaded_generation'])} "
+          f"as the {final} one in memory")
     print(f"total time {result['total_seconds']:.0f} s")
     return 0
+
+
+PROMPT = "The capital of France is"
+
+
+def _generate(model: torch.nn.Module, tok, prompt: str, new_tokens: int = 20) -> str:
+    """Greedy continuation of ``prompt`` (what a user tries first)."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model.train(was)
+    return tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
 
 
 def po_total(report) -> int:

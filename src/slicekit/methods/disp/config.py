@@ -36,6 +36,7 @@ class DISPConfig(MethodConfig):
         "lam": "weight λ of the parameter regulariser λ·|log(P/p)|",
         "temperature": "Gumbel-sigmoid temperature",
         "offset": "logit offset added before the sigmoid (positive: start by keeping most dimensions)",
+        "noise_anneal": "final fraction of the steps over which the Gumbel noise shrinks to zero (0: off)",
         "hyper_hidden": "input width of the hypernetwork's bidirectional GRU (its state is twice this)",
         "gradient_checkpointing": "recompute decoder layers in the backward pass (less memory)",
         "disp_seed": "seed of the hypernetwork initialisation, its fixed input and the Gumbel noise",
@@ -50,6 +51,7 @@ class DISPConfig(MethodConfig):
     temperature: float = 0.4
     offset: float = 3.0
     hyper_hidden: int = 32
+    noise_anneal: float = 0.25
     gradient_checkpointing: bool = False
     disp_seed: int = 0
 
@@ -69,5 +71,7 @@ class DISPConfig(MethodConfig):
                 raise SlicekitError(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.weight_decay < 0:
             raise SlicekitError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
+        if not 0.0 <= self.noise_anneal <= 1.0:
+            raise SlicekitError(f"noise_anneal is a fraction of the steps in [0, 1] (got {self.noise_anneal})")
         if self.hyper_hidden < 1:
             raise SlicekitError(f"hyper_hidden must be ≥ 1 (got {self.hyper_hidden})")

@@ -47,8 +47,12 @@ def logistic_noise(shape: torch.Size, generator: torch.Generator) -> torch.Tenso
 
 
 def gumbel_sigmoid_masks(logits: list[torch.Tensor], offset: float, temperature: float,
-                         generator: torch.Generator) -> list[torch.Tensor]:
-    """Hard 0/1 masks with straight-through gradients of ``sigmoid((l + offset + noise) / T)``.
+                         generator: torch.Generator, noise_scale: float = 1.0) -> list[torch.Tensor]:
+    """Hard 0/1 masks with straight-through gradients of ``sigmoid((l + offset + s·noise) / T)``.
+
+    ``noise_scale`` s < 1 narrows the noise (annealing): at s = 0 the forward masks are the
+    deterministic ones the surgery will use, ``l + offset > 0``.  The noise is always drawn, so
+    the generator's stream does not depend on s.
 
     Written ``hard + (soft − soft.detach())`` so the forward value is exactly 0 or 1 (the usual
     ``(hard − soft).detach() + soft`` is off by round-off, and the masked model would then not be
@@ -56,7 +60,8 @@ def gumbel_sigmoid_masks(logits: list[torch.Tensor], offset: float, temperature:
     out = []
     for lg in logits:
         noise = logistic_noise(lg.shape, generator).to(lg.device, lg.dtype)
-        soft = torch.sigmoid((lg + offset + noise) / temperature)
-        hard = (soft > 0.5).to(soft.dtype)
+        z = lg + offset + noise_scale * noise
+        soft = torch.sigmoid(z / temperature)
+        hard = (z > 0).to(soft.dtype)  # not soft > 0.5: the sigmoid rounds to 0.5 for tiny z > 0
         out.append(hard + (soft - soft.detach()))
     return out

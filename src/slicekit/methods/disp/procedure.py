@@ -226,6 +226,15 @@ def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def noise_scale(step: int, steps: int, anneal: float) -> float:
+    """Gumbel-noise scale at ``step`` of ``steps``: 1, then over the last ``round(anneal·steps)``
+    steps a linear decline that reaches 0 on the final step (see ``DISPConfig.noise_anneal``)."""
+    n = round(anneal * steps)
+    if n <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (steps - 1 - step) / n))
+
+
 def learn(model: nn.Module, config: DISPConfig, ctx: MethodContext) -> DISPLearned:
     """Train the hypernetwork on the frozen model; return its noise-free scores."""
     if not ctx.calibration:
@@ -259,7 +268,8 @@ def learn(model: nn.Module, config: DISPConfig, ctx: MethodContext) -> DISPLearn
                                                           config.gradient_checkpointing), torch.enable_grad():
             for step in range(steps):
                 ids = batches[step % len(batches)].to(device)
-                masks = gumbel_sigmoid_masks(hn(), config.offset, config.temperature, noise)
+                masks = gumbel_sigmoid_masks(hn(), config.offset, config.temperature, noise,
+                                             noise_scale(step, steps, config.noise_anneal))
                 masked.masks = masks
                 ce = _lm_loss(model, ids)
                 kept = counter.decoder([m.sum() for m in masks]) / original
@@ -284,7 +294,8 @@ def learn(model: nn.Module, config: DISPConfig, ctx: MethodContext) -> DISPLearn
     log = {"steps": steps, "tokens": seen, "seconds": time.perf_counter() - t0,
            "hypernetwork_params": sum(q.numel() for q in hn.parameters()),
            "ce_first": history[0][0], "ce_last": sum(h[0] for h in tail) / len(tail),
-           "kept_first": history[0][2], "kept_last": sum(h[2] for h in tail) / len(tail)}
+           "kept_first": history[0][2], "kept_last": sum(h[2] for h in tail) / len(tail),
+           "kept_final_step": history[-1][2], "noise_anneal": config.noise_anneal}
     return DISPLearned(scores, log)
 
 

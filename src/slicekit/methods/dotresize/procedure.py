@@ -31,7 +31,15 @@ from slicekit.arch import get_arch, linear_weight, mlp_refusal, rotation_refusal
 from slicekit.calibration import CalibrationEngine, LayerStep
 from slicekit.invariance import make_invariant
 from slicekit.methods import MethodContext
-from slicekit.methods.common import keep_mlp_neurons, mlp_up_weights, mlp_width_of, plan_mlp_widths
+from slicekit.methods.common import (
+    expert_weights,
+    keep_expert_neurons,
+    keep_mlp_neurons,
+    mlp_up_weights,
+    mlp_width_of,
+    plan_mlp_widths,
+    select_expert_neurons,
+)
 from slicekit.methods.dotresize.config import DOTResizeConfig
 from slicekit.methods.slicegpt.config import SliceGPTConfig
 from slicekit.methods.slicegpt.procedure import RotateAndSlice, plan_widths
@@ -51,8 +59,11 @@ def plan(model: nn.Module, config: DOTResizeConfig, fractions: list[float]) -> P
 
 
 def unsupported(model: nn.Module, config: DOTResizeConfig) -> str | None:
-    """The residual width needs rotation invariance; the MLP width needs prunable MLPs."""
-    return rotation_refusal(model) if config.width == "hidden" else mlp_refusal(model)
+    """The residual width needs rotation invariance; the MLP width needs prunable MLPs, or routed
+    experts, which are merged one expert at a time (:meth:`MergeNeurons._experts`)."""
+    if config.width == "hidden":
+        return rotation_refusal(model)
+    return None if get_arch(model.config).block.experts is not None else mlp_refusal(model)
 
 
 def transport_basis(config: DOTResizeConfig) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -97,6 +108,9 @@ class MergeNeurons:
         if k >= mlp_width_of(layer, spec):
             self.records.append({"layer": step.index, "width": k})
             return
+        if spec.block.experts is not None:
+            self.records.append({"layer": step.index, "width": k, **self._experts(step, k)})
+            return
         point = f"{spec.block.mlp_down}:input"
         gram = step.forward(grams=[point]).grams[point].matrix
         down = layer.get_submodule(spec.block.mlp_down)
@@ -111,6 +125,38 @@ class MergeNeurons:
         keep_mlp_neurons(layer, spec, keep.cpu(), new_down)
         self.records.append({"layer": step.index, "width": k,
                              **{key: info[key] for key in ("sinkhorn_iterations", "seconds") if key in info}})
+
+
+    def _experts(self, step: LayerStep, k: int) -> dict[str, Any]:
+        """A mixture-of-experts layer: every routed expert merged onto ``k`` of its own neurons,
+        on the Gram of the tokens the layer's router sends it (FASP's per-expert statistics,
+        :class:`~slicekit.methods.fasp.experts.ExpertGrams`).  An expert no calibration token
+        reaches has no activations to transport: it keeps its largest-magnitude neurons and their
+        down columns unchanged, and the record names it.  Router and shared expert keep their size."""
+        from slicekit.methods.dotresize.transport import merge_mlp, select_targets
+        from slicekit.methods.fasp.experts import ExpertGrams
+
+        spec, layer, c = self.spec, step.layer, self.config
+        stats = ExpertGrams(layer, spec)
+        step.forward(observers={stats.point: stats.observe})
+        gate, up, down = expert_weights(layer, spec)
+        unrouted = [e for e, n in enumerate(stats.counts) if n == 0]
+        fallback = select_expert_neurons(layer, spec, k, "magnitude") if unrouted else None
+        keeps, downs = [], []
+        for e in range(gate.shape[0]):
+            w = down[e].double()
+            if stats.counts[e] == 0:
+                keep, new = fallback[e].to(w.device), w[:, fallback[e].to(w.device)]
+            elif c.merge == "delete":
+                keep = select_targets(stats.grams[e], k, c.targets, weight=w)
+                new = w[:, keep]
+            else:
+                keep, new, _ = merge_mlp([gate[e].double(), up[e].double()], w, stats.grams[e], k, how=c.targets,
+                                         cost=c.cost, reg=c.reg, readers=c.readers, compare=False)
+            keeps.append(keep.to(w.device))
+            downs.append(new)
+        keep_expert_neurons(layer, spec, torch.stack(keeps), torch.stack(downs).to(down))
+        return {"expert_tokens": list(stats.counts), "unrouted_experts": unrouted}
 
 
 @torch.no_grad()

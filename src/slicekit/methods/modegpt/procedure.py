@@ -50,6 +50,13 @@ from slicekit.linalg import (
     whitened_svd,
 )
 from slicekit.methods import MethodContext
+from slicekit.methods.common import (
+    EXPERT_WIDTH_MULTIPLE,
+    expert_weights,
+    keep_expert_neurons,
+    mlp_width_of,
+    select_expert_neurons,
+)
 from slicekit.methods.modegpt.config import MoDeGPTConfig
 from slicekit.modeling_slicekit import make_reduced_attention
 from slicekit.shape import Plan
@@ -98,11 +105,16 @@ class LayerPlan:
     rotary: int = 0
 
 
-def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: set[str]) -> LayerPlan:
+def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: set[str],
+          mlp_multiple: int = 1) -> LayerPlan:
     """Sizes kept at layer sparsity ``rho``: the same kept fraction for every compressed module
-    (rotary pairs stay whole; with partial rotary the rotated share of the head is kept)."""
+    (rotary pairs stay whole; with partial rotary the rotated share of the head is kept).  Kept
+    MLP widths are multiples of ``mlp_multiple`` (routed experts: :data:`EXPERT_WIDTH_MULTIPLE`)."""
     keep = 1.0 - rho
-    mlp = max(1, min(mlp_width, round(keep * mlp_width))) if "mlp" in modules else mlp_width
+    mlp = mlp_width
+    if "mlp" in modules:
+        m = mlp_multiple
+        mlp = max(m, min(mlp_width, m * round(keep * mlp_width / m)))
     if geo is None:
         return LayerPlan(rho, mlp, None, None)
     d, r = geo.head_dim, geo.rotary_dim
@@ -149,6 +161,7 @@ class ModularDecomposition:
         self.spec, self.geo, self.plans, self.config = spec, geo, plans, config
         self.modules = config.module_set
         self.errors: list[dict[str, float]] = []
+        self.expert_records: list[dict] = []
 
     def begin(self, engine: CalibrationEngine) -> None:
         pass
@@ -216,10 +229,13 @@ class ModularDecomposition:
     # ------------------------------------------------------------ MLP
     def _mlp(self, step: LayerStep, plan: LayerPlan) -> None:
         b, layer = self.spec.block, step.layer
+        if "mlp" not in self.modules or plan.mlp_keep >= mlp_width_of(layer, self.spec):
+            return
+        if b.experts is not None:
+            self._experts(step, plan.mlp_keep)
+            return
         down = layer.get_submodule(b.mlp_down)
         width = int(linear_weight(down).shape[1])
-        if "mlp" not in self.modules or plan.mlp_keep >= width:
-            return
         point = f"{b.mlp_down}:input"
         gram = step.forward(grams=[point]).grams[point].matrix
         keep = nystrom_select(gram, plan.mlp_keep, self.config.ridge)
@@ -228,6 +244,36 @@ class ModularDecomposition:
         rows = torch.cat([keep + f * width for f in range(b.mlp_up_fused)])
         for name in b.mlp_up:
             _select_rows(layer.get_submodule(name), rows)
+
+    def _experts(self, step: LayerStep, k: int) -> None:
+        """A mixture-of-experts MLP: Nyström per routed expert — its ``k`` columns of largest ridge
+        leverage and their least-squares down projection, both on the Gram of the tokens the
+        layer's own router sends it (FASP's per-expert statistics,
+        :class:`~slicekit.methods.fasp.experts.ExpertGrams`).  An expert no calibration token
+        reaches keeps its largest-magnitude neurons, unchanged.  Router and shared expert keep
+        their size."""
+        from slicekit.methods.fasp.experts import ExpertGrams
+
+        layer = step.layer
+        stats = ExpertGrams(layer, self.spec)
+        step.forward(observers={stats.point: stats.observe})
+        _, _, down = expert_weights(layer, self.spec)
+        unrouted = [e for e, n in enumerate(stats.counts) if n == 0]
+        fallback = select_expert_neurons(layer, self.spec, k, "magnitude") if unrouted else None
+        keeps_, downs = [], []
+        for e in range(down.shape[0]):
+            w = down[e].double()
+            if stats.counts[e] == 0:
+                keep = fallback[e].to(w.device)
+                new = w[:, keep]
+            else:
+                keep = nystrom_select(stats.grams[e], k, self.config.ridge)
+                new = lstsq_restore(w, stats.grams[e], keep, self.config.damping)
+            keeps_.append(keep)
+            downs.append(new)
+        keep_expert_neurons(layer, self.spec, torch.stack(keeps_).cpu(), torch.stack(downs).to(down))
+        self.expert_records.append({"layer": step.index, "expert_tokens": list(stats.counts),
+                                    "unrouted_experts": unrouted})
 
     def process_layer(self, step: LayerStep) -> None:
         plan = self.plans[step.index]
@@ -251,8 +297,9 @@ def _geometry(model: nn.Module, config: MoDeGPTConfig) -> tuple[ArchSpec, Attent
 
 def layer_plans(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> list[LayerPlan]:
     spec, geo = _geometry(model, config)
-    width = int(linear_weight(spec.layer_list(model)[0].get_submodule(spec.block.mlp_down)).shape[1])
-    return [keeps(r, width, geo, config.module_set) for r in fractions]
+    width = mlp_width_of(spec.layer_list(model)[0], spec)
+    multiple = EXPERT_WIDTH_MULTIPLE if spec.block.experts is not None else 1
+    return [keeps(r, width, geo, config.module_set, multiple) for r in fractions]
 
 
 def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Plan:
@@ -280,9 +327,11 @@ def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Pla
 
 
 def unsupported(model: nn.Module, config: MoDeGPTConfig) -> str | None:
-    """MoDeGPT needs at least one module it can compress on this family."""
-    fixed = get_arch(model.config).mlp_fixed_reason
-    if fixed:
+    """MoDeGPT needs at least one module it can compress on this family (routed experts are
+    compressed one expert at a time, so the table's linear-only MLP refusal does not apply)."""
+    spec = get_arch(model.config)
+    fixed = spec.mlp_fixed_reason
+    if fixed and spec.block.experts is None:
         return fixed
     _, geo = _geometry(model, config)
     if geo is None and config.module_set <= {"qk", "vo"}:
@@ -299,5 +348,8 @@ def apply(model: nn.Module, plan_: Plan, config: MoDeGPTConfig, ctx: MethodConte
     method = ModularDecomposition(spec, geo, plans, config)
     ctx.engine(model).run(method, desc="modegpt")
     skipped = sorted({"qk", "vo"} & config.module_set) if geo is None else []
-    return {"modules": sorted(config.module_set - set(skipped)), "skipped_modules": skipped,
-            "layers": [asdict(p) for p in plans]}
+    out = {"modules": sorted(config.module_set - set(skipped)), "skipped_modules": skipped,
+           "layers": [asdict(p) for p in plans]}
+    if method.expert_records:
+        out["experts"] = method.expert_records
+    return out
