@@ -58,6 +58,7 @@ from slicekit.models import load_model
 CACHE_KEYS = ("model", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size", "seed",
               "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size", "rec_dataset",
               "rec_tokens", "rec_seqlen", "rec_batch_size", "rec_mode", "rec_lr", "rec_precision", "rec_loss",
+              "rec_hidden_distill",
               "disp_train_tokens")
 #: method label -> (method, settings besides the target)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,6 +87,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--rec-lr", type=float, default=2e-4, help="default %(default)s")
     g.add_argument("--rec-precision", default="auto", choices=("auto", "fp32", "bf16"), help="default %(default)s")
     g.add_argument("--rec-loss", default="distill", choices=("distill", "ce"), help="default %(default)s")
+    g.add_argument("--rec-hidden-distill", type=float, default=0.0,
+                   help="weight of the decoder-layer hidden-state term (methods that keep the stream's basis; "
+                        "default %(default)s)")
     p.add_argument("--disp-train-tokens", type=int, default=32_768,
                    help="DISP hypernetwork training tokens (sequences of 128; default %(default)s)")
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks (default %(default)s)")
@@ -101,12 +105,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def rec_config(args: argparse.Namespace):
+def rec_config(args: argparse.Namespace, method: str | None = None):
+    """The recovery settings of a row: the hidden-state term only where the compressed stream is
+    still in the dense model's basis (not SliceGPT's rotated one)."""
     from slicekit.recover import RecoverConfig
 
+    hidden = 0.0 if method == "slicegpt" else args.rec_hidden_distill
     return RecoverConfig(dataset=args.rec_dataset, seqlen=args.rec_seqlen, batch_size=args.rec_batch_size,
                          tokens=args.rec_tokens, mode=args.rec_mode, lr=args.rec_lr, precision=args.rec_precision,
-                         loss=args.rec_loss)
+                         loss=args.rec_loss, hidden_distill=hidden)
 
 
 def evaluate(name: str, method: str, share: float, model, tok, windows, brown, args, report=None) -> dict[str, Any]:
@@ -132,11 +139,12 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
     before = evaluate(label, method, share, model, tok, windows, brown, args, report)
     before["settings"] = {k: v for k, v in before["settings"].items() if k not in ("save_policy", "policy")}
     log(f"[{label} @ {share:g}] before: ppl {before['ppl']:.2f}, brown {before['brown_ppl']:.2f}; recovering")
-    rec = recover(model, tok, rec_config(args), teacher=dense, progress=False)
+    rec = recover(model, tok, rec_config(args, method), teacher=dense, progress=False)
     after = evaluate(label, method, share, model, tok, windows, brown, args)
     curve = rec.loss_curve
     tenth = max(1, len(curve) // 10)
-    summary = {**rec.summary(), "setup_seconds": rec.setup_seconds, "trainable_params": rec.trainable_params,
+    summary = {**rec.summary(), "hidden_distill": rec.settings["hidden_distill"],
+               "setup_seconds": rec.setup_seconds, "trainable_params": rec.trainable_params,
                "loss_first_tenth": sum(c["loss"] for c in curve[:tenth]) / tenth,
                "loss_last_tenth": sum(c["loss"] for c in curve[-tenth:]) / tenth}
     log(f"[{label} @ {share:g}] after: ppl {after['ppl']:.2f}, brown {after['brown_ppl']:.2f} "
@@ -205,7 +213,10 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
     rc = rec_config(args)
     notes += [
         f"recovery: slicekit.recover.recover, {rc.mode} fine-tuning, loss {args.rec_loss} "
-        f"({'KL to the dense model, T = 1' if args.rec_loss == 'distill' else 'next-token CE'}), AdamW lr {rc.lr}, "
+        f"({'KL to the dense model, T = 1' if args.rec_loss == 'distill' else 'next-token CE'}"
+        + (f" + {args.rec_hidden_distill} × relative MSE of every decoder layer's output, except for SliceGPT, whose "
+           "stream is rotated" if args.rec_hidden_distill else "")
+        + f"), AdamW lr {rc.lr}, "
         f"{int(rc.warmup * 100)} % warm-up then cosine, {rc.tokens:,} tokens of {args.rec_dataset} "
         f"(train split) per row in batches of {rc.batch_size} × {rc.seqlen}, precision {args.rec_precision} "
         "(bf16 autocast where the CPU multiplies bf16 natively), seed 42; the same for every row",

@@ -166,15 +166,15 @@ def test_statistics_follow_the_layers_own_routing(arch):
 def test_an_expert_without_calibration_tokens_keeps_the_magnitude_choice(monkeypatch):
     """Expert 0 receives no calibration token: nothing to score or fit, so it keeps the weight
     magnitude choice and its kept down columns unchanged; the others are fitted as usual."""
-    import slicekit.methods.fasp.experts as fasp_experts
+    import slicekit.methods.experts as shared_experts
 
-    original = fasp_experts.routed_experts
+    original = shared_experts.routed_experts
 
     def never_expert_0(router, x):
         chosen = original(router, x)
         return chosen.masked_fill(chosen == 0, -1)
 
-    monkeypatch.setattr(fasp_experts, "routed_experts", never_expert_0)
+    monkeypatch.setattr(shared_experts, "routed_experts", never_expert_0)
     model = tiny_model("mixtral")
     spec = get_arch(model.config)
     width = Plan.of(model).mlp_width(0)

@@ -113,7 +113,7 @@ def test_demo_pipeline_end_to_end(smollm2_pristine, data_dir, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "slicekit.cli", "demo", "--json", "--quiet", "--out", str(out),
                            "--cal-nsamples", "2", "--cal-seqlen", "256", "--eval-seqlen", "256",
-                           "--eval-max-windows", "2", "--recover-tokens", "1024", "--zeroshot-limit", "4",
+                           "--eval-max-windows", "1", "--recover-tokens", "1024", "--zeroshot-limit", "2",
                            "--zeroshot-tasks", "piqa,arc_easy"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,8 +124,8 @@ def test_demo_pipeline_end_to_end(smollm2_pristine, data_dir, tmp_path):
     assert set(res["generation"]) == {"original", "compressed", "recovered"}
     assert all(g.startswith("The capital of France is") for g in res["generation"].values())
     assert set(res["zeroshot"]) == {"original", "compressed", "recovered"}
-    assert all(z["limit"] == 4 and set(z["scores"]) == {"piqa", "arc_easy"} for z in res["zeroshot"].values())
-    assert res["recovery"]["tokens"] == 1024 and res["reload_max_rel_error"] < 1e-5
+    assert all(z["limit"] == 2 and set(z["scores"]) == {"piqa", "arc_easy"} for z in res["zeroshot"].values())
+    assert res["recovery"]["tokens"] == 2048 and res["reload_max_rel_error"] < 1e-5  # one step of 4 × 512
     assert res["reloaded_generates_the_same"] and res["reloaded_generation"] == res["generation"]["recovered"]
     assert res["ppl_original"] < res["ppl_compressed"] and math.isfinite(res["ppl_recovered"])
     assert (out / "config.json").is_file()

@@ -233,8 +233,8 @@ class ArchSpec:
         columns are linears that can be narrowed)."""
         if self.block.experts is not None:
             return ("its experts are fused 3-D parameters (gate_up_proj E × 2F × D, down_proj E × D × F), "
-                    "not linears, and this method's MLP surgery narrows linears only; fasp, dotresize, and prunenet "
-                    "with selection=random or magnitude, narrow every expert (one width per layer)")
+                    "not linears, and this method's MLP surgery narrows linears only; fasp, modegpt, dotresize, and "
+                    "prunenet with selection=random or magnitude narrow every expert (one width per layer)")
         return None
 
     @property

@@ -33,14 +33,13 @@ from slicekit.invariance import make_invariant
 from slicekit.methods import MethodContext
 from slicekit.methods.common import (
     expert_weights,
-    keep_expert_neurons,
     keep_mlp_neurons,
     mlp_up_weights,
     mlp_width_of,
     plan_mlp_widths,
-    select_expert_neurons,
 )
 from slicekit.methods.dotresize.config import DOTResizeConfig
+from slicekit.methods.experts import ExpertGrams, narrow_experts
 from slicekit.methods.slicegpt.config import SliceGPTConfig
 from slicekit.methods.slicegpt.procedure import RotateAndSlice, plan_widths
 from slicekit.methods.slicegpt.procedure import plan as slicegpt_plan
@@ -128,35 +127,26 @@ class MergeNeurons:
 
 
     def _experts(self, step: LayerStep, k: int) -> dict[str, Any]:
-        """A mixture-of-experts layer: every routed expert merged onto ``k`` of its own neurons,
-        on the Gram of the tokens the layer's router sends it (FASP's per-expert statistics,
-        :class:`~slicekit.methods.fasp.experts.ExpertGrams`).  An expert no calibration token
-        reaches has no activations to transport: it keeps its largest-magnitude neurons and their
-        down columns unchanged, and the record names it.  Router and shared expert keep their size."""
+        """A mixture-of-experts layer: every routed expert merged (or, with ``merge="delete"``,
+        pruned) onto ``k`` of its own neurons, on the Gram of the tokens the layer's router sends
+        it (:mod:`slicekit.methods.experts`)."""
         from slicekit.methods.dotresize.transport import merge_mlp, select_targets
-        from slicekit.methods.fasp.experts import ExpertGrams
 
         spec, layer, c = self.spec, step.layer, self.config
-        stats = ExpertGrams(layer, spec)
-        step.forward(observers={stats.point: stats.observe})
-        gate, up, down = expert_weights(layer, spec)
-        unrouted = [e for e, n in enumerate(stats.counts) if n == 0]
-        fallback = select_expert_neurons(layer, spec, k, "magnitude") if unrouted else None
-        keeps, downs = [], []
-        for e in range(gate.shape[0]):
-            w = down[e].double()
-            if stats.counts[e] == 0:
-                keep, new = fallback[e].to(w.device), w[:, fallback[e].to(w.device)]
-            elif c.merge == "delete":
-                keep = select_targets(stats.grams[e], k, c.targets, weight=w)
-                new = w[:, keep]
-            else:
-                keep, new, _ = merge_mlp([gate[e].double(), up[e].double()], w, stats.grams[e], k, how=c.targets,
-                                         cost=c.cost, reg=c.reg, readers=c.readers, compare=False)
-            keeps.append(keep.to(w.device))
-            downs.append(new)
-        keep_expert_neurons(layer, spec, torch.stack(keeps), torch.stack(downs).to(down))
-        return {"expert_tokens": list(stats.counts), "unrouted_experts": unrouted}
+        stats = ExpertGrams.collect(step, spec)
+        gate, up, _ = expert_weights(layer, spec)
+
+        def choose(e: int, w: torch.Tensor, g: torch.Tensor, _tokens: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+            w = w.double()
+            if c.merge == "delete":
+                keep = select_targets(g, k, c.targets, weight=w)
+                return keep, w[:, keep], None
+            keep, new, _ = merge_mlp([gate[e].double(), up[e].double()], w, g, k, how=c.targets, cost=c.cost,
+                                     reg=c.reg, readers=c.readers, compare=False)
+            return keep, new, None
+
+        record, _ = narrow_experts(layer, spec, stats, k, choose)
+        return record
 
 
 @torch.no_grad()

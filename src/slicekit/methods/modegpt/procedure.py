@@ -50,13 +50,8 @@ from slicekit.linalg import (
     whitened_svd,
 )
 from slicekit.methods import MethodContext
-from slicekit.methods.common import (
-    EXPERT_WIDTH_MULTIPLE,
-    expert_weights,
-    keep_expert_neurons,
-    mlp_width_of,
-    select_expert_neurons,
-)
+from slicekit.methods.common import EXPERT_WIDTH_MULTIPLE, mlp_width_of
+from slicekit.methods.experts import ExpertGrams, narrow_experts
 from slicekit.methods.modegpt.config import MoDeGPTConfig
 from slicekit.modeling_slicekit import make_reduced_attention
 from slicekit.shape import Plan
@@ -248,32 +243,15 @@ class ModularDecomposition:
     def _experts(self, step: LayerStep, k: int) -> None:
         """A mixture-of-experts MLP: Nyström per routed expert — its ``k`` columns of largest ridge
         leverage and their least-squares down projection, both on the Gram of the tokens the
-        layer's own router sends it (FASP's per-expert statistics,
-        :class:`~slicekit.methods.fasp.experts.ExpertGrams`).  An expert no calibration token
-        reaches keeps its largest-magnitude neurons, unchanged.  Router and shared expert keep
-        their size."""
-        from slicekit.methods.fasp.experts import ExpertGrams
+        layer's own router sends it (:mod:`slicekit.methods.experts`)."""
+        stats = ExpertGrams.collect(step, self.spec)
 
-        layer = step.layer
-        stats = ExpertGrams(layer, self.spec)
-        step.forward(observers={stats.point: stats.observe})
-        _, _, down = expert_weights(layer, self.spec)
-        unrouted = [e for e, n in enumerate(stats.counts) if n == 0]
-        fallback = select_expert_neurons(layer, self.spec, k, "magnitude") if unrouted else None
-        keeps_, downs = [], []
-        for e in range(down.shape[0]):
-            w = down[e].double()
-            if stats.counts[e] == 0:
-                keep = fallback[e].to(w.device)
-                new = w[:, keep]
-            else:
-                keep = nystrom_select(stats.grams[e], k, self.config.ridge)
-                new = lstsq_restore(w, stats.grams[e], keep, self.config.damping)
-            keeps_.append(keep)
-            downs.append(new)
-        keep_expert_neurons(layer, self.spec, torch.stack(keeps_).cpu(), torch.stack(downs).to(down))
-        self.expert_records.append({"layer": step.index, "expert_tokens": list(stats.counts),
-                                    "unrouted_experts": unrouted})
+        def choose(_e: int, w: torch.Tensor, g: torch.Tensor, _tokens: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+            keep = nystrom_select(g, k, self.config.ridge)
+            return keep, lstsq_restore(w.double(), g, keep, self.config.damping), None
+
+        record, _ = narrow_experts(step.layer, self.spec, stats, k, choose)
+        self.expert_records.append({"layer": step.index, **record})
 
     def process_layer(self, step: LayerStep) -> None:
         plan = self.plans[step.index]
