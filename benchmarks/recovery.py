@@ -232,7 +232,8 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "
         "wall time (teacher forward included) on this shared machine",
     ]
-    return {"title": "Recovery after compression on SmolLM2-135M: every method before and after distillation on Brown (#14)",
+    who = "every method" if len(labels) > 2 else " and ".join(labels)
+    return {"title": f"Recovery after compression on SmolLM2-135M: {who} before and after distillation on Brown (#14)",
             "command": command,
             "settings": {k: getattr(args, k) for k in (*CACHE_KEYS, "shares", "methods", "threads")},
             "tables": tables, "notes": notes, "plots": [], "raw": {"rows": rows}}

@@ -20,7 +20,8 @@ from slicekit.shape import count_plan
 from tiny import save_tiny_with_tokenizer, tiny_calibration, tiny_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference", "mlp_methods", "disp"]
+SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference", "mlp_methods", "disp",
+           "recovery"]
 
 
 def _common():
@@ -208,7 +209,35 @@ def test_disp_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
         assert abs(rows[method][3] - 0.25) < 0.02, rows[method]
     train = doc["tables"][1]["rows"]
     assert [r[:3] for r in train] == [["disp", 0.25, 0.001], ["disp lr=0.01", 0.25, 0.01]]
-    assert all(r[3] == 128 and r[4] == 2 for r in train)  # 4 × 32 tokens, batches of 2
+    assert all(r[3] == 0.25 and r[4] == 128 and r[5] == 2 for r in train)  # annealed; 4 × 32 tokens, batches of 2
     assert any(n.startswith("disp lr=0.01 at 25 %: the learned hard masks keep") for n in doc["notes"])
     again = _run("disp", *args)
     assert again.returncode == 0 and "resuming: 4 rows" in again.stderr, again.stderr[-2000:]
+
+
+def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
+    """Every row is compressed, evaluated, recovered and evaluated again with the same settings;
+    the hidden-state term is left out for SliceGPT's rotated stream; a rerun resumes."""
+    out = tmp_path / "recovery.json"
+    train = tmp_path / "train.txt"
+    train.write_text("a plain training text, not the evaluation one. " * 200)
+    args = ["--model", str(tiny_dir), *SMALL, "--eval-dataset", eval_text, "--shares", "0.25",
+            "--methods", "fasp,slicegpt", "--rec-dataset", str(train), "--rec-tokens", "128", "--rec-seqlen", "32",
+            "--rec-batch-size", "2", "--rec-precision", "fp32", "--rec-hidden-distill", "0.5", "--limit", "2",
+            "--tasks", "winogrande", "--out", str(out)]
+    proc = _run("recovery", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _check_schema(out)
+    rows = {r[0]: r for r in doc["tables"][0]["rows"]}
+    assert set(rows) == {"dense", "fasp", "slicegpt"}
+    raw = doc["raw"]["rows"]
+    for m in ("fasp", "slicegpt"):
+        r = raw[f"{m}@0.25"]
+        assert r["recovery"]["tokens"] == 128 and r["recovery"]["precision"] == "fp32"
+        assert r["before"]["params"] == r["after"]["params"]  # recovery keeps the compressed shape
+        assert r["before"]["ppl"] != r["after"]["ppl"] and rows[m][13] == 128
+    assert raw["fasp@0.25"]["recovery"]["hidden_distill"] == 0.5
+    assert raw["slicegpt@0.25"]["recovery"]["hidden_distill"] == 0.0
+    assert doc["title"].endswith("fasp and slicegpt before and after distillation on Brown (#14)")
+    again = _run("recovery", *args)
+    assert again.returncode == 0 and "resuming: 3 rows" in again.stderr, again.stderr[-2000:]

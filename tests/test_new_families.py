@@ -381,9 +381,10 @@ def test_fasp_refuses_head_removal_where_qk_norms_span_all_heads():
 # ------------------------------------------------------------------------ refusals before any work
 
 def _refusals() -> list[tuple[str, str, str]]:
-    # SliceGPT rotates mixture-of-experts blocks (tests/test_moe.py) and FASP prunes every expert
-    # (tests/test_moe_fasp.py); the other MLP-width methods cannot
-    out = [(m, a, "experts") for a in MOE for m in available_methods() if m not in ("slicegpt", "fasp")]
+    # SliceGPT rotates mixture-of-experts blocks (tests/test_moe.py); FASP, MoDeGPT and DOTResize
+    # narrow every expert (tests/test_moe_fasp.py, tests/test_moe_mlp_methods.py); the others cannot
+    out = [(m, a, "experts") for a in MOE for m in available_methods()
+           if m not in ("slicegpt", "fasp", "modegpt", "dotresize")]
     out += [("slicegpt", a, "post_attention_layernorm") for a in SANDWICH]
     return out
 
@@ -416,7 +417,7 @@ def text_file(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["stablelm", "mixtral"])
 def test_info_and_eval_without_an_adapter_or_a_compression_method(arch, text_file, tmp_path):
     """``stablelm`` has no table row at all, ``mixtral`` one that only some methods can compress
-    (SliceGPT rotates it, FASP prunes its experts; MoDeGPT cannot narrow them): info reports
+    (SliceGPT rotates it, FASP, MoDeGPT and DOTResize narrow its experts; DISP-LLM cannot): info reports
     generic facts, real counts and those methods, eval computes a perplexity."""
     from slicekit.arch import ARCHITECTURES
 
@@ -434,7 +435,7 @@ def test_info_and_eval_without_an_adapter_or_a_compression_method(arch, text_fil
         assert info["compression methods"].startswith("none")
     else:
         methods = info["compression methods"].split(", ")
-        assert "slicegpt" in methods and "fasp" in methods and "modegpt" not in methods
+        assert {"slicegpt", "fasp", "modegpt", "dotresize"} <= set(methods) and "disp" not in methods
     res = _cli("eval", "--model", str(d), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "2",
                "--json", "--quiet")
     assert res.returncode == 0, res.stderr[-2000:]
