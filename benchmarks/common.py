@@ -273,6 +273,20 @@ def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[s
     return zs.above_chance_retention(dense, scored) if scored else None
 
 
+def left_out_note(dense: ZeroShotResult | None, tasks: list[str]) -> str:
+    """The suffix of a result note that names the tasks 'above-chance retained' leaves out (those
+    where the dense model does not beat chance); empty when none is."""
+    if dense is None or scored_tasks(dense, tasks) == tasks:
+        return ""
+    return (", over the tasks where the dense model beats chance (left out: "
+            f"{', '.join(t for t in tasks if t not in scored_tasks(dense, tasks))})")
+
+
+def rounded(v: float | None, digits: int) -> float | None:
+    """``round`` that passes a missing value through (empty table cells)."""
+    return None if v is None else round(v, digits)
+
+
 def scored_tasks(dense: ZeroShotResult, tasks: list[str]) -> list[str]:
     """The tasks on which the dense model scores above chance (the only ones with a margin)."""
     return [t for t in tasks if dense.scores[t].score > dense.scores[t].chance]
@@ -348,7 +362,9 @@ def same_settings(old: dict[str, Any], args: argparse.Namespace, keys: tuple[str
 def resume(out: Path, args: argparse.Namespace, keys: tuple[str, ...], script: str,
            argv: list[str] | None) -> tuple[dict[str, Any], str]:
     """``(raw, command)`` of a resumable script: the ``raw`` part of ``out`` when it was made with
-    this run's ``keys`` (else empty), and the chain of commands that made the file, this one last."""
+    this run's ``keys`` (else empty), and the chain of commands that made the file, this one last.
+    Rows whose label (the part of the key before ``@``) is in ``--redo`` are dropped from
+    ``raw["rows"]``, so the script recomputes them after a change to a method."""
     raw: dict[str, Any] = {}
     commands: list[str] = []
     if out.exists() and not args.fresh:
@@ -356,7 +372,11 @@ def resume(out: Path, args: argparse.Namespace, keys: tuple[str, ...], script: s
         if same_settings(old.get("settings", {}), args, keys) and "raw" in old:
             raw = old["raw"]
             commands = [c for c in old["command"].split(" && ") if c]
-            log(f"resuming: {len(raw.get('rows', {}))} rows from {out}")
+            redo = {m for m in getattr(args, "redo", "").split(",") if m}
+            rows = raw.get("rows", {})
+            for key in [k for k in rows if k.split("@")[0] in redo]:
+                del rows[key]
+            log(f"resuming: {len(rows)} rows from {out}")
         else:
             log(f"{out} has other settings: starting afresh")
     commands.append(command_line(script, argv, prefix="nice -n 10 python"))

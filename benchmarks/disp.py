@@ -36,9 +36,10 @@ from common import (
     compress_row,
     evaluate_row,
     evaluation_windows,
+    left_out_note,
     log,
     resume,
-    scored_tasks,
+    rounded,
     setup,
     write_result,
     zs_of,
@@ -115,9 +116,6 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- tables
 
-def _r(v: float | None, digits: int) -> float | None:
-    return None if v is None else round(v, digits)
-
 
 def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, command: str, cal_desc: str,
                    train_desc: str, eval_desc: str, n_windows: int) -> dict[str, Any]:
@@ -143,8 +141,8 @@ def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, co
                          r["params"]["total"], round(r["ppl"], 2),
                          *[None if zs is None else round(zs.scores[t].score, 4) for t in tasks],
                          None if zs is None else round(zs.average(tasks), 4),
-                         _r(above_chance(zs, zd, tasks), 3) if key != "dense" else None,
-                         _r(r.get("seconds"), 1), _r(r.get("rss_peak_mib"), 0)])
+                         rounded(above_chance(zs, zd, tasks), 3) if key != "dense" else None,
+                         rounded(r.get("seconds"), 1), rounded(r.get("rss_peak_mib"), 0)])
         tables.append({"title": f"SmolLM2-135M at equal real decoder size: WikiText-2 test ppl ({n_windows} × "
                                 f"{args.eval_seqlen} tokens) and zero-shot accuracy (first {args.limit} items per task)",
                        "columns": cols, "rows": body})
@@ -179,9 +177,7 @@ def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, co
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task "
         f"from the local files (batch size {args.zs_batch_size}); 'above-chance retained' = mean over tasks of "
         "(acc − chance)/(dense − chance)"
-        + (f", over the tasks where the dense model beats chance (left out: "
-           f"{', '.join(t for t in tasks if t not in scored_tasks(zd, tasks))})"
-           if zd is not None and scored_tasks(zd, tasks) != tasks else ""),
+        + left_out_note(zd, tasks),
         "target = share of decoder parameters removed, met by every method against the one counter (SliceGPT: "
         "the constant width, a multiple of 8, whose real count with its shortcut matrices is closest); decoder "
         "params are the compressed model's real counts (DISP's index buffers are integers, not parameters)",
@@ -241,9 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     raw, command = resume(out, args, CACHE_KEYS, "disp.py", argv)
     rows = raw.get("rows", rows)
-    redo = {m for m in args.redo.split(",") if m}
-    for key in [k for k in rows if k.split("@")[0] in redo]:
-        del rows[key]
 
     dense, tok = load_model(args.model)
     dense.eval()

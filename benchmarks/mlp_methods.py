@@ -62,10 +62,11 @@ from common import (
     compress_row,
     evaluate_row,
     evaluation_windows,
+    left_out_note,
     log,
     method_config,
     resume,
-    scored_tasks,
+    rounded,
     setup,
     tensors_digest,
     wants_zeroshot,
@@ -146,9 +147,6 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
 
 # ---------------------------------------------------------------- tables
 
-def _r(v: float | None, digits: int) -> float | None:
-    return None if v is None else round(v, digits)
-
 
 def _cells(row: dict[str, Any], dense: dict[str, Any], tasks: list[str]) -> list[Any]:
     d0 = dense["params"]["decoder"]
@@ -156,7 +154,7 @@ def _cells(row: dict[str, Any], dense: dict[str, Any], tasks: list[str]) -> list
     zs, zd = zs_of(row), zs_of(dense)
     scores = [None if zs is None else round(zs.scores[t].score, 4) for t in tasks]
     return [row["name"], row["target"], dec, round(1 - dec / d0, 4), row["params"]["total"], round(row["ppl"], 2),
-            *scores, None if zs is None else round(zs.average(tasks), 4), _r(above_chance(zs, zd, tasks), 3),
+            *scores, None if zs is None else round(zs.average(tasks), 4), rounded(above_chance(zs, zd, tasks), 3),
             None if row.get("seconds") is None else round(row["seconds"], 1),
             None if row.get("cpu_seconds") is None else round(row["cpu_seconds"], 1),
             None if row.get("rss_peak_mib") is None else round(row["rss_peak_mib"]),
@@ -221,7 +219,7 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
             got = {s: rows.get(f"prunenet {s}@{share:g}") for s in ("policy", "random", "magnitude")}
             if all(got.values()):
                 pn.append([share, *[round(got[s]["ppl"], 2) for s in ("policy", "random", "magnitude")],
-                           *[_r(above_chance(zs_of(got[s]), zd, tasks), 3)
+                           *[rounded(above_chance(zs_of(got[s]), zd, tasks), 3)
                              for s in ("policy", "random", "magnitude")],
                            round(extra.get("overlap_policy_magnitude", {}).get(f"{share:g}", float("nan")), 3)])
         if pn:
@@ -237,9 +235,9 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
             if m and d:
                 dr.append([share, m["params"]["decoder"], round(m["ppl"], 2), round(d["ppl"], 2),
                            None if s is None else round(s["ppl"], 2),
-                           _r(above_chance(zs_of(m), zd, tasks), 3),
-                           _r(above_chance(zs_of(d), zd, tasks), 3),
-                           None if s is None else _r(above_chance(zs_of(s), zd, tasks), 3),
+                           rounded(above_chance(zs_of(m), zd, tasks), 3),
+                           rounded(above_chance(zs_of(d), zd, tasks), 3),
+                           None if s is None else rounded(above_chance(zs_of(s), zd, tasks), 3),
                            round(extra.get("overlap_merge_delete", {}).get(f"{share:g}", float("nan")), 4)])
         if dr:
             tables.append({"title": "DOTResize: merging vs deleting at equal width",
@@ -256,10 +254,10 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
                                        "zero-shot mean",
                                        "above-chance retained"],
                            "rows": [[r["name"], r["params"]["decoder"], round(r["seconds"], 1),
-                                     _r(r.get("cpu_seconds"), 1),
+                                     rounded(r.get("cpu_seconds"), 1),
                                      round(r["summary"].get("policy_seconds", float("nan")), 1), round(r["ppl"], 2),
                                      None if zs_of(r) is None else round(zs_of(r).average(tasks), 4),
-                                     _r(above_chance(zs_of(r), zd, tasks), 3)]
+                                     rounded(above_chance(zs_of(r), zd, tasks), 3)]
                                     for r in (fresh, reused)]})
         ref = _quality_reference(args, rows, shares)
         if ref is not None:
@@ -277,8 +275,7 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
         f"slicekit.zeroshot.evaluate_tasks, 0-shot, first {args.limit} items of each task from the local files "
         f"(batch size {args.zs_batch_size}); metric acc_norm for piqa/arc_easy/hellaswag, acc for winogrande; "
         "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
-        + (f", over the tasks where the dense model beats chance (left out: {', '.join(t for t in tasks if t not in scored_tasks(zd, tasks))})"
-           if zd is not None and scored_tasks(zd, tasks) != tasks else "") + ". With "
+        + left_out_note(zd, tasks) + ". With "
         f"{args.limit} items a task's accuracy has a standard error of about "
         f"{100 * math.sqrt(0.25 / args.limit):.1f} points: differences of a few points are noise",
         "target = share of decoder parameters removed (every method's target_params against the one counter); "

@@ -43,11 +43,12 @@ from common import (
     calibration_set,
     evaluate_row,
     evaluation_windows,
+    left_out_note,
     log,
     method_config,
     perplexity,
     resume,
-    scored_tasks,
+    rounded,
     setup,
     write_result,
     zs_of,
@@ -157,9 +158,6 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
 
 # ---------------------------------------------------------------- tables
 
-def _r(v: float | None, digits: int) -> float | None:
-    return None if v is None else round(v, digits)
-
 
 def gap_closed(before: float, after: float, dense: float) -> float:
     """Share of the perplexity gap to the dense model that recovery closed (1 = all of it)."""
@@ -174,14 +172,14 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
     dense = rows.get("dense")
     tables: list[dict[str, Any]] = []
     notes: list[str] = []
+    zd = zs_of(dense) if dense is not None else None
     if dense is not None:
-        zd = zs_of(dense)
         d0 = dense["params"]["decoder"]
         cols = ["method", "target", "removed (real)", "total params", "WikiText-2 ppl before", "after", "gap closed",
                 "Brown ppl before", "after (in-domain)", "zero-shot mean before", "after",
                 "above-chance retained before", "after", "recovery tokens", "recovery min", "tokens/s"]
-        body = [["dense", 0, 0, dense["params"]["total"], _r(dense["ppl"], 2), None, None,
-                 _r(dense["brown_ppl"], 2), None, _r(zd.average(tasks), 4), None, None, None, None, None, None]]
+        body = [["dense", 0, 0, dense["params"]["total"], rounded(dense["ppl"], 2), None, None,
+                 rounded(dense["brown_ppl"], 2), None, rounded(zd.average(tasks), 4), None, None, None, None, None, None]]
         for s in shares:
             for label in labels:
                 r = rows.get(f"{label}@{s:g}")
@@ -190,11 +188,11 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
                 b, a, rec = r["before"], r["after"], r["recovery"]
                 zb, za = zs_of(b), zs_of(a)
                 body.append([label, s, round(1 - b["params"]["decoder"] / d0, 4), b["params"]["total"],
-                             _r(b["ppl"], 2), _r(a["ppl"], 2), _r(gap_closed(b["ppl"], a["ppl"], dense["ppl"]), 3),
-                             _r(b["brown_ppl"], 2), _r(a["brown_ppl"], 2),
-                             _r(zb.average(tasks), 4) if zb else None, _r(za.average(tasks), 4) if za else None,
-                             _r(above_chance(zb, zd, tasks), 3), _r(above_chance(za, zd, tasks), 3),
-                             rec["tokens"], _r(rec["train_seconds"] / 60, 1), _r(rec["tokens_per_s"], 1)])
+                             rounded(b["ppl"], 2), rounded(a["ppl"], 2), rounded(gap_closed(b["ppl"], a["ppl"], dense["ppl"]), 3),
+                             rounded(b["brown_ppl"], 2), rounded(a["brown_ppl"], 2),
+                             rounded(zb.average(tasks), 4) if zb else None, rounded(za.average(tasks), 4) if za else None,
+                             rounded(above_chance(zb, zd, tasks), 3), rounded(above_chance(za, zd, tasks), 3),
+                             rec["tokens"], rounded(rec["train_seconds"] / 60, 1), rounded(rec["tokens_per_s"], 1)])
         tables.append({"title": f"SmolLM2-135M before and after recovery: WikiText-2 test ppl ({n_windows} × "
                                 f"{args.eval_seqlen} tokens), Brown test ppl, zero-shot (first {args.limit} items per task)",
                        "columns": cols, "rows": body})
@@ -226,9 +224,7 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         "token-level, the same windows for every row",
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task; "
         "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
-        + (f", over the tasks where the dense model beats chance (left out: "
-           f"{', '.join(t for t in tasks if t not in scored_tasks(zd, tasks))})"
-           if dense is not None and scored_tasks(zd, tasks) != tasks else ""),
+        + left_out_note(zd, tasks),
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "
         "wall time (teacher forward included) on this shared machine",
     ]
@@ -269,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     labels = [m for m in args.methods.split(",") if m]
     raw, command = resume(out, args, CACHE_KEYS, "recovery.py", argv)
     rows: dict[str, Any] = raw.get("rows", {})
-    redo = {m for m in args.redo.split(",") if m}
-    for key in [k for k in rows if k.split("@")[0] in redo]:
-        del rows[key]
 
     dense, tok = load_model(args.model)
     dense.eval()

@@ -17,18 +17,7 @@ from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.pipeline import compress
-from tiny import rotatable_archs, tiny_inputs, tiny_model
-
-# A subprocess in which `import slicekit` fails: the checkpoint must load on transformers alone.
-NO_SLICEKIT = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "slicekit":
-                raise ImportError("slicekit is deliberately not importable here")
-    sys.meta_path.insert(0, _Block())
-    sys.path = [p for p in sys.path if "slicekit" not in p and not p.endswith("/src")]
-""")
+from tiny import NO_SLICEKIT, rotatable_archs, tiny_inputs, tiny_model
 
 
 def _compressed(arch, slicing=0.25):

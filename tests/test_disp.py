@@ -30,20 +30,11 @@ from slicekit.methods.disp.procedure import (
 from slicekit.modeling_slicekit import SlicedLayer, SlicekitShapeError, apply_shape, check_features
 from slicekit.pipeline import clone_model, compress
 from slicekit.shape import Plan, block_spec, count_built, count_plan
-from tiny import ARCHS, logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
+from tiny import ARCHS, NO_SLICEKIT, logits, rel_error, tiny_calibration, tiny_inputs, tiny_model
 
 SUPPORTED = [a for a in ARCHS if unsupported(tiny_model(a)) is None]
 CORE = ["llama", "qwen2", "mistral", "gpt_neox", "opt"]
 
-NO_SLICEKIT = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "slicekit":
-                raise ImportError("slicekit is deliberately not importable here")
-    sys.meta_path.insert(0, _Block())
-    sys.path = [p for p in sys.path if "slicekit" not in p and not p.endswith("/src")]
-""")
 
 
 def random_keeps(model, seed: int = 0, keep: float = 0.6) -> list[torch.Tensor]:

@@ -28,20 +28,10 @@ from slicekit.methods import MethodContext, get_method
 from slicekit.models import count_parameters
 from slicekit.pipeline import compress
 from slicekit.shape import Plan, count_built, count_plan
-from tiny import logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
+from tiny import NO_SLICEKIT, logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
-# A subprocess in which `import slicekit` fails: the checkpoint must load on transformers alone.
-NO_SLICEKIT = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "slicekit":
-                raise ImportError("slicekit is deliberately not importable here")
-    sys.meta_path.insert(0, _Block())
-    sys.path = [p for p in sys.path if "slicekit" not in p and not p.endswith("/src")]
-""")
 
 
 def _slicegpt(**kwargs):

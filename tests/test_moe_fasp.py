@@ -19,7 +19,7 @@ from slicekit.methods.fasp.structure import neuron_cost
 from slicekit.models import count_parameters
 from slicekit.pipeline import compress
 from slicekit.shape import Plan, count_built, count_plan, layer_counts
-from tiny import logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
+from tiny import kept_rows, logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
@@ -30,15 +30,6 @@ def _fasp(**kwargs):
 
 
 
-def _kept_neurons(before: torch.Tensor, after: torch.Tensor) -> list[list[int]]:
-    """Per expert, which of the original gate rows (``E × F × D``) the pruned ones (``E × k × D``)
-    are: FASP never changes a gate/up row, only drops it."""
-    out = []
-    for e in range(before.shape[0]):
-        match = (after[e][:, None, :] == before[e][None, :, :]).all(dim=-1)  # k × F
-        assert bool((match.sum(dim=1) == 1).all()), f"expert {e}: a kept gate row is not an original row"
-        out.append(match.float().argmax(dim=1).tolist())
-    return out
 
 
 def _prune_exactly(model: torch.nn.Module, n_remove: int, **config) -> tuple[Plan, dict]:
@@ -135,7 +126,7 @@ def test_each_expert_loses_exactly_its_own_useless_neurons(arch):
     _prune_exactly(model, n_dead + n_silent)
     assert rel_error(logits(model, x), ref) < 1e-5
     for i, layer in enumerate(spec.layer_list(model)):
-        kept = _kept_neurons(gates[i], expert_weights(layer, spec)[0])
+        kept = kept_rows(gates[i], expert_weights(layer, spec)[0])
         for e, k in enumerate(kept):
             assert set(k) == set(range(width)) - useless[i][e], (i, e)
 
@@ -187,7 +178,7 @@ def test_an_expert_without_calibration_tokens_keeps_the_magnitude_choice(monkeyp
         rec = summary["layers"][i]
         assert rec["unrouted_experts"] == [0] and rec["expert_tokens"][0] == 0
         gate, _, down = expert_weights(layer, spec)
-        kept = _kept_neurons(before[i][0], gate)
+        kept = kept_rows(before[i][0], gate)
         assert kept[0] == expected[i].tolist()
         assert torch.equal(down[0], before[i][2][0][:, expected[i]])  # no restoration
         assert not torch.equal(down[1], before[i][2][1][:, kept[1]])  # a routed expert is restored

@@ -14,7 +14,7 @@ from slicekit.methods.common import expert_weights
 from slicekit.models import count_parameters
 from slicekit.pipeline import compress
 from slicekit.shape import Plan, count_plan
-from tiny import logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
+from tiny import kept_rows, logits, rel_error, tensor_counts, tiny_calibration, tiny_inputs, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
@@ -30,14 +30,6 @@ def _cfg(method: str, **kwargs):
 METHODS = ["dotresize", "modegpt"]
 
 
-def _kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[list[int]]:
-    """Per expert, which original gate rows (``E × F × D``) the kept ones (``E × k × D``) are."""
-    out = []
-    for e in range(before.shape[0]):
-        match = (after[e][:, None, :] == before[e][None, :, :]).all(dim=-1)
-        assert bool((match.sum(dim=1) == 1).all()), f"expert {e}: a kept gate row is not an original row"
-        out.append(match.float().argmax(dim=1).tolist())
-    return out
 
 
 @pytest.mark.parametrize("arch", MOE)
@@ -102,7 +94,7 @@ def test_each_expert_drops_exactly_its_own_silent_neurons(arch, method):
     assert rel_error(logits(model, x), ref) < 1e-5
     for i, layer in enumerate(spec.layer_list(model)):
         rec = (summary["layers"] if method == "dotresize" else summary["experts"])[i]
-        kept = _kept_rows(gates[i], expert_weights(layer, spec)[0])
+        kept = kept_rows(gates[i], expert_weights(layer, spec)[0])
         for e, k in enumerate(kept):
             if rec["expert_tokens"][e] > 0:  # routed experts: their own statistics decide
                 assert set(k) == set(range(width)) - silent[i][e], (i, e)

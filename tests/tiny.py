@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -166,3 +168,26 @@ def tensor_counts(model) -> dict[str, int]:
            for p in m.parameters(recurse=False)}
     decoder = sum(p.numel() for p in spec.layer_list(model).parameters())
     return {"total": total, "non_embedding": total - sum(emb.values()), "decoder": decoder}
+
+
+# A subprocess preamble in which `import slicekit` fails: a checkpoint must load on transformers alone.
+NO_SLICEKIT = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "slicekit":
+                raise ImportError("slicekit is deliberately not importable here")
+    sys.meta_path.insert(0, _Block())
+    sys.path = [p for p in sys.path if "slicekit" not in p and not p.endswith("/src")]
+""")
+
+
+def kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[list[int]]:
+    """Per expert, which of the original gate rows (``E × F × D``) the narrowed ones (``E × k × D``)
+    are — for methods that drop rows without changing the kept ones."""
+    out = []
+    for e in range(before.shape[0]):
+        match = (after[e][:, None, :] == before[e][None, :, :]).all(dim=-1)  # k × F
+        assert bool((match.sum(dim=1) == 1).all()), f"expert {e}: a kept gate row is not an original row"
+        out.append(match.float().argmax(dim=1).tolist())
+    return out
