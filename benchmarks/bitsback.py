@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "the CPU times: compare CPU)",
     ]
     doc = {"title": "Bits-back packing of SliceGPT models (SmolLM2-135M)",
-           "command": command_line("bitsback.py", argv, prefix="nice -n 10 python"),
+           "command": command_line("bitsback.py", argv),
            "settings": {**vars(args), "calibration": dataclasses.asdict(cal)},
            "tables": tables, "notes": notes, "records": scrub(records)}
     path = write_result(args.out, doc)

@@ -101,9 +101,14 @@ def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def command_line(script: str, argv: list[str] | None = None, prefix: str = "python") -> str:
-    """The command that reproduces this run, as recorded in the result file."""
+def command_line(script: str, argv: list[str] | None = None, prefix: str | None = None) -> str:
+    """The command that reproduces this run, as recorded in the result file: ``prefix`` (default:
+    ``python``, behind ``nice -n N`` when this process really runs at niceness N) and the script's
+    arguments — what was run, not what the script's docstring suggests."""
     args = sys.argv[1:] if argv is None else argv
+    if prefix is None:
+        niceness = os.nice(0)
+        prefix = f"nice -n {niceness} python" if niceness > 0 else "python"
     return " ".join([prefix, f"benchmarks/{script}", shlex.join(args)]).strip()
 
 
@@ -147,6 +152,29 @@ def method_config(method: str, share: float, **settings: Any):
     from slicekit.methods import get_method
 
     return get_method(method).config_cls(target_params=share, **settings)
+
+
+#: benchmark method labels -> (method, settings besides the target): the variants the
+#: side-by-side benchmarks (recovery, speed) run under one name each
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fasp": ("fasp", {}),
+    "modegpt": ("modegpt", {}),
+    "slicegpt": ("slicegpt", {}),
+    "slicegpt global": ("slicegpt", {"rotation": "global"}),
+    "prunenet": ("prunenet", {}),
+    "prunenet random": ("prunenet", {"selection": "random"}),
+    "dotresize": ("dotresize", {}),
+    "disp": ("disp", {"lr": 1e-2}),
+}
+
+
+def variant_config(label: str, share: float, **settings: Any) -> tuple[str, Any]:
+    """``(method, config)`` of the variant named ``label`` (a :data:`VARIANTS` key) removing
+    ``share`` of the decoder parameters; ``settings`` override the variant's own."""
+    if label not in VARIANTS:
+        raise SystemExit(f"unknown method label {label!r}; known: {', '.join(VARIANTS)}")
+    method, own = VARIANTS[label]
+    return method, method_config(method, share, **{**own, **settings})
 
 
 def slicegpt_matching(model, decoder_params: int, round_to: int = 8):
@@ -379,7 +407,7 @@ def resume(out: Path, args: argparse.Namespace, keys: tuple[str, ...], script: s
             log(f"resuming: {len(rows)} rows from {out}")
         else:
             log(f"{out} has other settings: starting afresh")
-    commands.append(command_line(script, argv, prefix="nice -n 10 python"))
+    commands.append(command_line(script, argv))
     return raw, " && ".join(dict.fromkeys(commands))
 
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             damping = r["config"].get("damping")
             if r["method"] == "fasp" and damping is not None and "damping" not in r["name"]:
                 r["name"] += f", damping {damping}"
-    this_command = command_line("fasp.py", argv, prefix="nice -n 5 python")
+    this_command = command_line("fasp.py", argv)
     commands = [*commands, this_command]
     base_notes = [
         "SmolLM2-135M has 9 query heads in 3 KV groups per layer, so a KV group is a third of the attention; "

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             two = run(["eval", "--model", out, "--device-map", "balanced", *ev])
             rows.append([method, f"eval --device-map balanced ({n_gpus} GPUs)", round(two["ppl"], 3), None, None,
                          round(two["wall_s"], 1)])
-    doc = {"title": "GPU checks (#20)", "command": command_line("benchmarks/gpu_checks.py", argv),
+    doc = {"title": "GPU checks (#20)", "command": command_line("gpu_checks.py", argv),
            "settings": {"model": args.model, "gpus": n_gpus, "device": torch.cuda.get_device_name(0)},
            "tables": [{"title": "SmolLM2-135M on CUDA, 25 % of decoder parameters removed",
                        "columns": ["model", "check", "WikiText-2 ppl (32×2048)", "compress CUDA peak MiB",

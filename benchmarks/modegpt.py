@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cal_batch_size": args.cal_batch_size, "dtype": "float32", "device": "cpu",
                 "modegpt": "defaults of MoDeGPTConfig (schedule modegpt, ε=0.1, cap 0.9, ridge 1.0, damping 0.01)",
                 "slicegpt": "defaults of SliceGPTConfig (constant width, head not sliced, damping 0.01)"}
-    command = command_line("modegpt.py", argv, prefix="nice -n 5 python")
+    command = command_line("modegpt.py", argv)
 
     def write() -> None:
         head = results[next(iter(results))]

@@ -120,7 +120,7 @@ def main() -> None:
         notes.append(f"{name}: evaluation {eval_desc}")
     doc = {
         "title": "New families: a real Gemma 3 model from GGUF next to SmolLM2 (FASP, MoDeGPT)",
-        "command": command_line("new_families.py", prefix="nice -n 5 python"),
+        "command": command_line("new_families.py"),
         "settings": {"share_removed": args.share, "cal_nsamples": args.cal_nsamples, "cal_seqlen": args.cal_seqlen,
                      "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "seed": args.seed},
         "tables": [{"title": f"{args.share:.0%} of decoder parameters removed; perplexity on WikiText-2 test",

@@ -37,6 +37,7 @@ from typing import Any
 
 from common import (
     TASKS,
+    VARIANTS,
     above_chance,
     benchmark_parser,
     calibration_request,
@@ -61,17 +62,6 @@ CACHE_KEYS = ("model", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen",
               "rec_tokens", "rec_seqlen", "rec_batch_size", "rec_mode", "rec_lr", "rec_precision", "rec_loss",
               "rec_hidden_distill",
               "disp_train_tokens")
-#: method label -> (method, settings besides the target)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fasp": ("fasp", {}),
-    "modegpt": ("modegpt", {}),
-    "slicegpt": ("slicegpt", {}),
-    "slicegpt global": ("slicegpt", {"rotation": "global"}),
-    "prunenet": ("prunenet", {}),
-    "prunenet random": ("prunenet", {"selection": "random"}),
-    "dotresize": ("dotresize", {}),
-    "disp": ("disp", {"lr": 1e-2}),
-}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     rows[0].append(1.0)
     doc = {"title": "SliceGPT variants at equal real size: per-layer vs one global rotation (#15)",
-           "command": command_line("slicegpt_variants.py", argv, prefix="nice -n 10 python"),
+           "command": command_line("slicegpt_variants.py", argv),
            "settings": {k: v for k, v in vars(args).items()},
            "tables": [{"title": f"SmolLM2-135M; perplexity: {eval_desc}",
                        "columns": ["variant", "decoder share removed", "WikiText-2 ppl", "total params",

@@ -194,7 +194,7 @@ def smollm2_rows(args: argparse.Namespace, rows: list, notes: list) -> None:
 
 
 def finish(args: argparse.Namespace, argv: list[str] | None, work: Path, rows: list, notes: list) -> None:
-    command = command_line("streaming.py", argv, prefix="nice -n 10 python")
+    command = command_line("streaming.py", argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "merge")}
     out_path = Path(args.out) if Path(args.out).suffix == ".json" else Path(__file__).parent / "results" / f"{args.out}.json"
     if args.merge and out_path.exists():

@@ -21,7 +21,7 @@ from tiny import save_tiny_with_tokenizer, tiny_calibration, tiny_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["quality", "modegpt", "fasp", "speed", "dynamic_slicing", "slicegpt_vs_reference", "mlp_methods", "disp",
-           "recovery"]
+           "recovery", "alignment"]
 
 
 def _common():
@@ -184,13 +184,39 @@ def test_comparison_scripts_run_on_a_tiny_model(script, tiny_dir, eval_text, tmp
 
 
 def test_speed_runs_on_a_tiny_model(tiny_dir, data_dir, tmp_path):
+    """Every model is timed beside the dense one; its format, file size and KV cache are measured,
+    and the prefill ratio is set against the FLOP-ideal one (the #15 bar's columns)."""
     out = tmp_path / "speed.json"
-    proc = _run("speed", "--model", str(tiny_dir), "--methods", "slicegpt,fasp", "--repeats", "1",
+    proc = _run("speed", "--model", str(tiny_dir), "--methods", "slicegpt,slicegpt global,fasp", "--repeats", "1",
                 "--cal-nsamples", "2", "--cal-seqlen", "64", "--threads", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r[0]: r for r in _check_schema(out)["tables"][0]["rows"]}
-    assert set(rows) == {"dense", "slicegpt", "fasp", "slicegpt (no shortcuts, timing only)"}
-    assert rows["fasp"][2] < rows["dense"][2] and rows["dense"][3] == 1.0
+    table = _check_schema(out)["tables"][0]
+    col = {c: i for i, c in enumerate(table["columns"])}
+    rows = {r[0]: r for r in table["rows"]}
+    assert set(rows) == {"dense", "slicegpt", "slicegpt global", "fasp", "slicegpt (no shortcuts, timing only)"}
+    dense = rows["dense"]
+    assert dense[col["ideal (FLOPs)"]] == 1.0 and dense[col["format"]] == "vanilla"
+    assert rows["slicegpt"][col["format"]] == "slicekit" and rows["slicegpt global"][col["format"]] == "vanilla"
+    for name in ("slicegpt", "slicegpt global", "fasp"):
+        r = rows[name]
+        assert r[col["params total"]] < dense[col["params total"]], name  # the real count shrinks
+        assert 0 < r[col["file MiB (fp32)"]] < dense[col["file MiB (fp32)"]], name  # and so does the file
+        assert r[col["KV bytes/token"]] <= dense[col["KV bytes/token"]], name
+        ratio = r[col["prefill 8×512 tok/s"] + 1]
+        assert r[col["8×512 / ideal"]] == pytest.approx(ratio / r[col["ideal (FLOPs)"]], abs=2e-3)
+    assert rows["slicegpt (no shortcuts, timing only)"][col["file MiB (fp32)"]] is None  # never saved
+
+
+def test_alignment_benchmark_runs(tmp_path):
+    out = tmp_path / "alignment.json"
+    proc = _run("alignment", "--repeats", "1", "--tokens", "1x16", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = _check_schema(out)["tables"]
+    assert [t["title"].split(",")[1].split(":")[0].strip() for t in tables] == ["float32", "bfloat16"]
+    for t in tables:
+        widths = [r[2] for r in t["rows"] if r[0].startswith("MLP")]
+        assert 1024 in widths and any(w % 64 for w in widths)  # aligned and unaligned widths side by side
+        assert all(r[4] > 0 and r[6] > 0 for r in t["rows"])
 
 
 def test_disp_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):

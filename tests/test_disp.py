@@ -286,6 +286,43 @@ def test_select_orders_by_score_and_keeps_one_per_structure():
     assert [k.tolist() for k in select(scores, None, cap=0.4)] == [[0, 2], [0, 1]]  # ⌈0.6·n⌉ kept each
 
 
+def test_select_rounds_kept_counts_to_multiples_and_stays_monotone():
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(n, generator=gen) for n in (64, 40, 5, 130)]
+    previous = None
+    for remove in [i / 50 for i in range(50)]:
+        plain = select(scores, remove)
+        rounded = select(scores, remove, round_to=8)
+        counts = [k.numel() for k in rounded]
+        for s, k, p, c in zip(scores, rounded, plain, counts, strict=True):
+            n = s.numel()
+            if n >= 8:
+                assert c % 8 == 0 and 8 <= c <= n
+                assert abs(c - p.numel()) <= 4 or (c == 8 and p.numel() < 8)  # the nearest multiple, ≥ 8
+            else:
+                assert c == p.numel()  # too small to round
+            # the structure's best-scoring dimensions, in order
+            assert k.tolist() == sorted(torch.argsort(s, descending=True, stable=True)[:c].tolist())
+        if previous is not None:  # removing more never keeps more: the target bisection's premise
+            assert all(c <= q for c, q in zip(counts, previous, strict=True))
+        previous = counts
+    assert [k.numel() for k in select(scores, None, round_to=8)] == [
+        min(s.numel(), max(8, 8 * int((s > 0).sum().item() / 8 + 0.5))) if s.numel() >= 8 else int((s > 0).sum())
+        for s in scores]
+
+
+def test_round_to_is_the_default_and_version_1_recipes_reproduce_unrounded():
+    from slicekit.methods import config_from_dict, config_to_dict
+
+    assert DISPConfig().round_to == 8
+    with pytest.raises(SlicekitError, match="round_to"):
+        DISPConfig(round_to=0)
+    old = {k: v for k, v in config_to_dict(DISPConfig()).items() if k != "round_to"} | {"config_version": 1}
+    assert config_from_dict(DISPConfig, old).round_to == 1
+    assert config_from_dict(DISPConfig, {**old, "round_to": 16}).round_to == 16  # recorded values win
+    assert config_from_dict(DISPConfig, config_to_dict(DISPConfig(round_to=4))).round_to == 4
+
+
 def test_noise_annealing_ends_on_the_deterministic_masks():
     from slicekit.methods.disp.hypernet import gumbel_sigmoid_masks
     from slicekit.methods.disp.procedure import noise_scale

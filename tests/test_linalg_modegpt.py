@@ -98,9 +98,16 @@ def test_select_qk_dims_keeps_rotary_pairs_in_rotate_half_order():
     assert select_qk_dims(scores, 3).tolist() == [0, 2, 4]
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half, the reference the loader's rotation must equal."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def test_reduced_rope_equals_the_full_rope_restricted_to_kept_pairs():
-    """The order select_qk_dims returns makes rotate_half on the reduced vector exact."""
-    from slicekit.modeling_slicekit import _rotate_half
+    """The order select_qk_dims returns makes the loader's rotation of the reduced vector exact:
+    ``roll(x, r/2)·signed_sin`` is transformers' ``rotate_half(x)·sin`` bit for bit."""
+    from slicekit.modeling_slicekit import _signed_sin
 
     d = 8
     g = torch.Generator().manual_seed(0)
@@ -110,9 +117,13 @@ def test_reduced_rope_equals_the_full_rope_restricted_to_kept_pairs():
     idx = select_qk_dims(torch.tensor([1.0, 9, 2, 8, 1, 9, 2, 8], dtype=torch.float64), 4, rotary_dim=d)
     full_q, full_k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     pairs_kept = (full_q[:, idx] * full_k[:, idx]).sum(-1)
-    rq = q[:, idx] * cos[:, idx] + _rotate_half(q[:, idx]) * sin[:, idx]
-    rk = k[:, idx] * cos[:, idx] + _rotate_half(k[:, idx]) * sin[:, idx]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        return x * cos[:, idx] + torch.roll(x, len(idx) // 2, dims=-1) * _signed_sin(sin[:, idx])
+
+    rq, rk = rope(q[:, idx]), rope(k[:, idx])
     assert torch.allclose((rq * rk).sum(-1), pairs_kept, atol=1e-12)
+    assert torch.equal(rq, q[:, idx] * cos[:, idx] + _rotate_half(q[:, idx]) * sin[:, idx])
 
 
 def test_whitened_svd_is_exact_at_full_rank_and_improves_with_rank():

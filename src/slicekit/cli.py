@@ -98,11 +98,10 @@ def _read_recipe(path: str) -> dict[str, Any]:
 
 
 def _build_method_config(method: str, args: argparse.Namespace, recipe: dict[str, Any]) -> Any:
-    from slicekit.methods import coerce_field, config_fields, get_method
+    from slicekit.methods import coerce_field, config_fields, get_method, upgrade_settings
 
     entry = get_method(method)
-    values = dict(recipe.get("settings", {}))
-    values.pop("config_version", None)
+    values = upgrade_settings(entry.config_cls, recipe.get("settings", {}))
     for f in config_fields(entry.config_cls):
         given = getattr(args, f"m_{f.name}", None)
         if given is not None:

@@ -59,6 +59,8 @@ class MethodConfig:
     """
 
     VERSION: ClassVar[int] = 2
+    #: recorded version -> values of fields added after it that reproduce that version's behaviour
+    LEGACY: ClassVar[dict[int, dict[str, Any]]] = {}
     #: one-line help per field for the command line (subclasses add theirs; the docstring is the fallback)
     HELP: ClassVar[dict[str, str]] = {
         "target_params": "fraction of decoder parameters REMOVED, real count (0.25 keeps 75 %)",
@@ -271,9 +273,23 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {"config_version": getattr(config, "VERSION", 1), **dataclasses.asdict(config)}
 
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+def upgrade_settings(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config's settings (``config_version`` removed) with the values that reproduce it
+    under today's config: a field added after the recorded version takes the value that matches
+    the old behaviour (``cls.LEGACY[version]``), not today's default, unless the record has it."""
     data = dict(data)
-    data.pop("config_version", None)
+    version = data.pop("config_version", None)
+    legacy: dict[int, dict[str, Any]] = getattr(cls, "LEGACY", {})
+    if isinstance(version, int):
+        for v in sorted(legacy):
+            if version <= v:
+                for k, value in legacy[v].items():
+                    data.setdefault(k, value)
+    return data
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    data = upgrade_settings(cls, data)
     return cls(**{k: coerce_field(cls, k, v) for k, v in data.items()})
 
 

@@ -1,7 +1,7 @@
 """DISP-LLM (Gao et al., NeurIPS 2024): dimension-independent structural pruning.
 
 Each decoder layer reads its own subset of the residual dimensions (after its input norm, which
-still normalises the whole stream) and writes its own subset back (``index_add``); the MLP
+still normalises the whole stream) and writes its own subset back (a scatter-add); the MLP
 intermediate width is pruned too.  The five subsets per layer are learned by a small hypernetwork
 (bi-GRU over a fixed input, Gumbel-sigmoid, straight-through hard masks) on the frozen model, with
 ``CE + λ·|log(P/p)|`` where ``P`` is the kept share of decoder parameters from the one counter.

@@ -24,10 +24,13 @@ class DISPConfig(MethodConfig):
     initialisation, its fixed input and the Gumbel noise.  ``schedule`` must stay ``constant``:
     the masks decide where to prune, so per-layer shares are not used.  ``max_layer_sparsity``
     caps the share removed from any one structure (each keeps at least ``1 − cap`` of its
-    dimensions) and bounds the global share the target solver may remove.
+    dimensions) and bounds the global share the target solver may remove.  ``round_to``: every
+    structure's kept count is rounded to a multiple of this (1: the masks as learned); version-1
+    recipes, written before the option existed, reproduce with 1.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    LEGACY: ClassVar[dict[int, dict[str, object]]] = {1: {"round_to": 1}}
     HELP: ClassVar[dict[str, str]] = {
         "train_tokens": "token budget of the hypernetwork training (calibration batches are cycled)",
         "train_seqlen": "crop every calibration sequence to this many tokens for training (None: as drawn)",
@@ -40,6 +43,7 @@ class DISPConfig(MethodConfig):
         "hyper_hidden": "input width of the hypernetwork's bidirectional GRU (its state is twice this)",
         "gradient_checkpointing": "recompute decoder layers in the backward pass (less memory)",
         "disp_seed": "seed of the hypernetwork initialisation, its fixed input and the Gumbel noise",
+        "round_to": "round every structure's kept count to a multiple of this (matrix kernels; 1: as learned)",
     }
 
     target_params: float | None = 0.25
@@ -54,6 +58,7 @@ class DISPConfig(MethodConfig):
     noise_anneal: float = 0.25
     gradient_checkpointing: bool = False
     disp_seed: int = 0
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,5 +78,7 @@ class DISPConfig(MethodConfig):
             raise SlicekitError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
         if not 0.0 <= self.noise_anneal <= 1.0:
             raise SlicekitError(f"noise_anneal is a fraction of the steps in [0, 1] (got {self.noise_anneal})")
+        if self.round_to < 1:
+            raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
         if self.hyper_hidden < 1:
             raise SlicekitError(f"hyper_hidden must be ≥ 1 (got {self.hyper_hidden})")

@@ -5,7 +5,7 @@ dimensions the attention reads (columns of q/k/v), the ones it writes (rows and 
 projection), the ones the MLP reads (columns of the up/gate linears), its intermediate neurons
 (up rows ↔ down columns) and the residual dimensions it writes (down rows and bias).  Heads and the
 residual width stay as they are; the pruned layer reads ``norm(x)[..., idx]`` and adds its output
-with ``index_add`` (the loader's ``residual_index`` form, :class:`slicekit.modeling_slicekit.SlicedLayer`).
+with a scatter-add (the loader's ``residual_index`` form, :class:`slicekit.modeling_slicekit.SlicedLayer`).
 
 **How.**  :func:`learn` (the pipeline's ``MethodSpec.learn`` step, before planning) trains
 :class:`~slicekit.methods.disp.hypernet.HyperNetwork` on the calibration text with the model
@@ -301,12 +301,17 @@ def learn(model: nn.Module, config: DISPConfig, ctx: MethodContext) -> DISPLearn
 
 # ------------------------------------------------------------------------ plan and surgery
 
-def select(scores: list[torch.Tensor], remove: float | None, cap: float = 1.0) -> list[torch.Tensor]:
+def select(scores: list[torch.Tensor], remove: float | None, cap: float = 1.0,
+           round_to: int = 1) -> list[torch.Tensor]:
     """Kept indices (sorted) of every structure: the learned hard masks (score > 0) when ``remove``
     is None, else all but the ``⌊remove·N⌋`` lowest scores of all structures together.  Every
     structure keeps at least its ``max(1, ⌈(1 − cap)·n⌉)`` best dimensions (``cap``: the config's
-    ``max_layer_sparsity``; a block reading nothing is not a block).  Removing more never keeps
-    more, so the pipeline's bisection on ``remove`` is sound."""
+    ``max_layer_sparsity``; a block reading nothing is not a block).  ``round_to``: each
+    structure's kept count is then rounded to the nearest multiple (ties up, never above its size
+    ``n``, at least one multiple) by keeping its best-scoring dimensions — a matrix dimension that
+    is not a multiple of 8 costs the CPU's float32 kernels about 20 % of their throughput
+    (``benchmarks/alignment.py``).  Removing more never keeps more (rounding a non-increasing
+    count keeps it non-increasing), so the pipeline's bisection on ``remove`` stays sound."""
     if remove is None:
         drops = [s <= 0 for s in scores]
     else:
@@ -318,11 +323,17 @@ def select(scores: list[torch.Tensor], remove: float | None, cap: float = 1.0) -
         drops = list(torch.split(drop, [s.numel() for s in scores]))
     out = []
     for s, d in zip(scores, drops, strict=True):
-        keep = ~d
-        least = max(1, math.ceil((1.0 - cap) * s.numel() - 1e-9))
-        if int(keep.sum()) < least:
-            keep = keep.clone()
-            keep[torch.argsort(s, descending=True, stable=True)[:least]] = True
+        n = s.numel()
+        count = max(int((~d).sum()), max(1, math.ceil((1.0 - cap) * n - 1e-9)))
+        if round_to > 1 and n >= round_to:
+            count = min(n, max(round_to, round_to * math.floor(count / round_to + 0.5)))
+        if count == int((~d).sum()):
+            keep = ~d
+        else:
+            # the structure's best ``count`` dimensions: the same set the global ranking keeps when
+            # no rounding or floor intervenes (ties broken by position, as the global sort does)
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[torch.argsort(s.flatten(), descending=True, stable=True)[:count]] = True
         out.append(torch.nonzero(keep).flatten())
     return out
 
@@ -362,7 +373,7 @@ def _remove(fractions: list[float]) -> float:
 
 def plan(model: nn.Module, config: DISPConfig, fractions: list[float], learned: Any = None) -> Plan:
     """The plan for the schedule mean (the share of all scored dimensions removed, see :func:`select`)."""
-    keeps = select(_learned(learned).scores, _remove(fractions), config.max_layer_sparsity)
+    keeps = select(_learned(learned).scores, _remove(fractions), config.max_layer_sparsity, config.round_to)
     return plan_from_keeps(model, keeps)
 
 
@@ -404,12 +415,12 @@ def prune(model: nn.Module, keeps: list[torch.Tensor]) -> None:
 def apply(model: nn.Module, plan_: Plan, config: DISPConfig, ctx: MethodContext) -> dict[str, Any]:
     learned = _learned(ctx.learned)
     original = count_plan(Plan.of(model)).decoder
-    keeps = select(learned.scores, _remove(ctx.fractions), config.max_layer_sparsity)
+    keeps = select(learned.scores, _remove(ctx.fractions), config.max_layer_sparsity, config.round_to)
     mine = plan_from_keeps(model, keeps)
     if mine.differences(plan_):
         raise SlicekitError("DISP: the plan does not match the learned masks at this schedule mean; plan and "
                             "apply must get the same learned scores and fractions")
-    hard = select(learned.scores, None, config.max_layer_sparsity)
+    hard = select(learned.scores, None, config.max_layer_sparsity, config.round_to)
     learned_kept = count_plan(plan_from_keeps(model, hard)).decoder / original
     prune(model, keeps)
     sizes = [[int(x.numel()) for x in keeps[5 * i: 5 * i + 5]] for i in range(len(keeps) // 5)]
