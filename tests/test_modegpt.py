@@ -244,13 +244,27 @@ def test_error_decreases_as_more_is_kept(modules):
 
 
 def test_parameter_target_is_met_with_each_schedule():
+    # round_to=1: a tiny model's MLP (width 64) is too narrow for 1 % steps in multiples of 8
     for schedule in ("constant", "modegpt", "dynamic"):
         model = tiny_model("llama")
-        res = compress(model, MoDeGPTConfig(target_params=0.3, schedule=schedule))
+        res = compress(model, MoDeGPTConfig(target_params=0.3, schedule=schedule, round_to=1))
         assert abs(_removed(res) - 0.3) < 0.01, schedule
         assert res.params_compressed == count_parameters(model)
     layers = res.summary["layers"]
     assert all(0 <= p["sparsity"] <= 0.9 for p in layers)
+
+
+def test_mlp_widths_are_multiples_of_round_to_and_old_recipes_reproduce_unrounded():
+    from slicekit.methods import config_from_dict, config_to_dict
+
+    model = tiny_model("llama")
+    res = compress(model, MoDeGPTConfig(target_params=0.3, schedule="modegpt"))
+    widths = [p["mlp_keep"] for p in res.summary["layers"]]
+    assert all(w % 8 == 0 for w in widths) and len(set(widths)) > 1, widths  # per-layer, each a multiple of 8
+    assert abs(_removed(res) - 0.3) < 0.05
+    old = {k: v for k, v in config_to_dict(MoDeGPTConfig()).items() if k != "round_to"} | {"config_version": 2}
+    assert config_from_dict(MoDeGPTConfig, old).round_to == 1
+    assert MoDeGPTConfig().round_to == 8
 
 
 def test_modegpt_schedule_gives_unimportant_layers_more_sparsity():

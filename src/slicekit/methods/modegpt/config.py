@@ -27,15 +27,21 @@ class MoDeGPTConfig(MethodConfig):
     ``damping``: relative diagonal damping of the least-squares solve (MLP) and of the whitening
     (value-output); in the same setting 0.001 instead of 0.01 gave 132 instead of 104 (ridge 0.01)
     and 0.1 gave 102 instead of 94 (ridge 1).
+    ``round_to``: kept MLP widths are multiples of this (routed experts: of ``lcm(round_to, 8)``);
+    the schedule gives every layer its own width, and float32 matrix kernels lose 20–30 % of their
+    throughput on widths that are not multiples of 8 (``benchmarks/alignment.py``).  1: as the
+    schedule says; version-2 recipes, written before the option existed, reproduce with 1.
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
+    LEGACY: ClassVar[dict[int, dict[str, object]]] = {2: {"round_to": 1}}
 
     target_params: float | None = 0.25
     schedule: str = "modegpt"
     modules: str = "mlp,qk,vo"
     ridge: float = 1.0
     damping: float = 1e-2
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,6 +51,8 @@ class MoDeGPTConfig(MethodConfig):
             raise SlicekitError(f"ridge must be > 0 (got {self.ridge})")
         if self.damping < 0:
             raise SlicekitError(f"damping must be ≥ 0 (got {self.damping})")
+        if self.round_to < 1:
+            raise SlicekitError(f"round_to must be ≥ 1 (got {self.round_to})")
         mods = self.module_set
         bad = mods - set(MODULES)
         if bad or not mods:

@@ -34,6 +34,7 @@ Choices beyond the paper (documented, measured in benchmarks/modegpt.py):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -276,7 +277,7 @@ def _geometry(model: nn.Module, config: MoDeGPTConfig) -> tuple[ArchSpec, Attent
 def layer_plans(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> list[LayerPlan]:
     spec, geo = _geometry(model, config)
     width = mlp_width_of(spec.layer_list(model)[0], spec)
-    multiple = EXPERT_WIDTH_MULTIPLE if spec.block.experts is not None else 1
+    multiple = math.lcm(config.round_to, EXPERT_WIDTH_MULTIPLE) if spec.block.experts is not None else config.round_to
     return [keeps(r, width, geo, config.module_set, multiple) for r in fractions]
 
 
