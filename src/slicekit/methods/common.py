@@ -42,14 +42,18 @@ def round_mlp_width(width: int, fraction: float, round_to: int) -> int:
 EXPERT_WIDTH_MULTIPLE = 8
 
 
+def mlp_multiple(arch: ArchSpec, round_to: int) -> int:
+    """The multiple MLP widths are rounded to: ``round_to``, or ``lcm(round_to, 8)`` for routed
+    experts (:data:`EXPERT_WIDTH_MULTIPLE`)."""
+    return math.lcm(round_to, EXPERT_WIDTH_MULTIPLE) if arch.block.experts is not None else round_to
+
+
 def plan_mlp_widths(model: nn.Module, fractions: list[float], round_to: int) -> Plan:
     """The plan in which layer ``l`` keeps ``(1 − fractions[l])`` of its MLP neurons (rounded);
     everything else unchanged.  Uniform fractions give uniform widths, which save with a plain
-    config of the original architecture.  Routed experts round to ``lcm(round_to, 8)``
-    (:data:`EXPERT_WIDTH_MULTIPLE`)."""
+    config of the original architecture.  Routed experts round to :func:`mlp_multiple`."""
     p = Plan.of(model)
-    if p.arch.block.experts is not None:
-        round_to = math.lcm(round_to, EXPERT_WIDTH_MULTIPLE)
+    round_to = mlp_multiple(p.arch, round_to)
     for i, f in enumerate(fractions):
         width = p.mlp_width(i)
         p.set_mlp_width(i, round_mlp_width(width, f, round_to))

@@ -330,8 +330,8 @@ def select(scores: list[torch.Tensor], remove: float | None, cap: float = 1.0,
         if count == int((~d).sum()):
             keep = ~d
         else:
-            # the structure's best ``count`` dimensions: the same set the global ranking keeps when
-            # no rounding or floor intervenes (ties broken by position, as the global sort does)
+            # the structure's best ``count`` dimensions (rounding or the floor moved the count away
+            # from what the global ranking left; equal scores are kept in position order)
             keep = torch.zeros(n, dtype=torch.bool)
             keep[torch.argsort(s.flatten(), descending=True, stable=True)[:count]] = True
         out.append(torch.nonzero(keep).flatten())

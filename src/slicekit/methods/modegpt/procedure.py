@@ -34,7 +34,6 @@ Choices beyond the paper (documented, measured in benchmarks/modegpt.py):
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,7 +50,7 @@ from slicekit.linalg import (
     whitened_svd,
 )
 from slicekit.methods import MethodContext
-from slicekit.methods.common import EXPERT_WIDTH_MULTIPLE, mlp_width_of
+from slicekit.methods.common import mlp_multiple, mlp_width_of, round_mlp_width
 from slicekit.methods.experts import ExpertGrams, narrow_experts
 from slicekit.methods.modegpt.config import MoDeGPTConfig
 from slicekit.modeling_slicekit import make_reduced_attention
@@ -102,15 +101,15 @@ class LayerPlan:
 
 
 def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: set[str],
-          mlp_multiple: int = 1) -> LayerPlan:
+          multiple: int = 1) -> LayerPlan:
     """Sizes kept at layer sparsity ``rho``: the same kept fraction for every compressed module
     (rotary pairs stay whole; with partial rotary the rotated share of the head is kept).  Kept
-    MLP widths are multiples of ``mlp_multiple`` (routed experts: :data:`EXPERT_WIDTH_MULTIPLE`)."""
+    MLP widths are multiples of ``multiple`` (``methods.common.mlp_multiple``: the config's
+    ``round_to``, for routed experts its lcm with 8)."""
     keep = 1.0 - rho
     mlp = mlp_width
     if "mlp" in modules:
-        m = mlp_multiple
-        mlp = max(m, min(mlp_width, m * round(keep * mlp_width / m)))
+        mlp = round_mlp_width(mlp_width, rho, multiple)
     if geo is None:
         return LayerPlan(rho, mlp, None, None)
     d, r = geo.head_dim, geo.rotary_dim
@@ -277,8 +276,7 @@ def _geometry(model: nn.Module, config: MoDeGPTConfig) -> tuple[ArchSpec, Attent
 def layer_plans(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> list[LayerPlan]:
     spec, geo = _geometry(model, config)
     width = mlp_width_of(spec.layer_list(model)[0], spec)
-    multiple = math.lcm(config.round_to, EXPERT_WIDTH_MULTIPLE) if spec.block.experts is not None else config.round_to
-    return [keeps(r, width, geo, config.module_set, multiple) for r in fractions]
+    return [keeps(r, width, geo, config.module_set, mlp_multiple(spec, config.round_to)) for r in fractions]
 
 
 def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Plan:
