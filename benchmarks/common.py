@@ -159,6 +159,7 @@ def method_config(method: str, share: float, **settings: Any):
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fasp": ("fasp", {}),
     "modegpt": ("modegpt", {}),
+    "modegpt fast": ("modegpt", {"fast_heads": True}),
     "slicegpt": ("slicegpt", {}),
     "slicegpt global": ("slicegpt", {"rotation": "global"}),
     "prunenet": ("prunenet", {}),

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("modegpt", __doc__.splitlines()[0])
     p.add_argument("--target-params", type=float, default=0.25, help="share of decoder parameters MoDeGPT removes")
     p.add_argument("--variants", default="mlp,qk,vo;mlp,vo",
-                   help="MoDeGPT module sets to run, separated by ';' (the first is the headline)")
+                   help="MoDeGPT module sets to run, separated by ';' (the first is the headline); a '+fast' "
+                        "suffix runs the set with fast_heads (one q-k dim set per layer, value rank = q-k width)")
     args = p.parse_args(argv)
     setup(args)
 
@@ -110,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_result(args.out, out)}", flush=True)
 
     for i, mods in enumerate(v.strip() for v in args.variants.split(";") if v.strip()):
-        cfg = MoDeGPTConfig(target_params=args.target_params, modules=mods)
+        name = mods
+        mods, _, flag = mods.partition("+")
+        if flag not in ("", "fast"):
+            raise SystemExit(f"unknown variant suffix {flag!r} in {name!r} (only '+fast')")
+        cfg = MoDeGPTConfig(target_params=args.target_params, modules=mods, fast_heads=flag == "fast")
         res = run(dense, tok, "modegpt", cfg, batches, windows, cal)
-        results[f"modegpt[{mods}]"] = res
+        results[f"modegpt[{name}]"] = res
         dec = res["params"]["decoder"]
-        rows.append([f"MoDeGPT ({mods})", "modegpt, ε=0.1", f"{dec:,}", f"{1 - dec / base['decoder']:.4f}",
+        rows.append([f"MoDeGPT ({mods}{', fast_heads' if flag else ''})", "modegpt, ε=0.1", f"{dec:,}", f"{1 - dec / base['decoder']:.4f}",
                      f"{res['params']['total']:,}", round(res["ppl"], 3), round(res["compress_seconds"], 1)])
         write()
         if i > 0:

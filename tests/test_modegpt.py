@@ -203,10 +203,17 @@ def test_compress_save_load_generate(arch, tmp_path):
     assert cached.shape == (1, 13) and torch.equal(cached, uncached)
 
 
-def test_gqa_groups_share_dims_and_rotary_pairs_stay_together():
+@pytest.mark.parametrize("fast_heads", [False, True])
+def test_gqa_groups_share_dims_and_rotary_pairs_stay_together(fast_heads):
+    """Query heads use their KV group's dims, rotary pairs stay whole; the paper's layout lets
+    each KV group choose (on this model the groups do choose differently), ``fast_heads`` gives
+    every head of a layer one set."""
     model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16, full rotary
     orig = copy.deepcopy(model)
-    compress_at(model, MoDeGPTConfig(modules="qk"), [0.5, 0.3], _cal())
+    compress_at(model, MoDeGPTConfig(modules="qk", fast_heads=fast_heads), [0.5, 0.3], _cal())
+    rows_differ = [not torch.equal(layer.self_attn.qk_index[0], layer.self_attn.qk_index[1])
+                   for layer in model.model.layers]
+    assert any(rows_differ) != fast_heads
     d, half, grp = 16, 8, 2
     kept = []
     for layer, ref in zip(model.model.layers, orig.model.layers, strict=True):
@@ -228,6 +235,49 @@ def test_gqa_groups_share_dims_and_rotary_pairs_stay_together():
             assert torch.equal(attn.k_proj.weight[j * m:(j + 1) * m], wk[j * d + idx])
         assert attn.sk_spec["v_dim"] == d and attn.v_proj.weight.shape == ref.self_attn.v_proj.weight.shape
     assert kept[0] < kept[1]  # the layer with the larger sparsity keeps fewer dims
+
+
+def _slow_path(monkeypatch) -> None:
+    """Force ReducedAttention's general path (rotation inside the projections) everywhere."""
+    monkeypatch.setattr(ReducedAttention, "_sk_shared_row", lambda self: None)
+
+
+def test_fast_heads_use_the_family_rope_and_equal_the_general_path(monkeypatch):
+    """``fast_heads``: one dim set per layer, value rank = query/key width (no padding), and the
+    family's own RoPE on cos/sin gathered at that set gives the logits and the cached generation of
+    the general path (per-head rotation in the projections) to round-off; an in-place change of
+    ``qk_index`` that makes its rows differ is seen and turns the fast path off."""
+    model = tiny_model("llama")
+    compress(model, MoDeGPTConfig(target_params=0.3, fast_heads=True))
+    attns = [layer.self_attn for layer in model.model.layers]
+    for attn in attns:
+        spec = attn.sk_spec
+        assert spec["qk_dim"] == spec["v_dim"] == spec["pad_dim"] == spec["rotary_dim"] < 16
+        assert attn._sk_shared_row() is not None
+    x = tiny_inputs(2, 12)
+    fast = _logits(model, x)
+    prompt = tiny_inputs(1, 5)
+    gen_fast = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    with monkeypatch.context() as m:
+        _slow_path(m)
+        assert _rel(_logits(model, x), fast) < 1e-5
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True), gen_fast)
+    attn = attns[0]
+    with torch.no_grad():
+        attn.qk_index[1] = attn.qk_index[1].flip(0)
+    assert attn._sk_shared_row() is None
+    changed = _logits(model, x)
+    _slow_path(monkeypatch)
+    assert torch.equal(_logits(model, x), changed)
+
+
+def test_fast_heads_is_opt_in_and_recipes_without_it_reproduce_per_group_dims():
+    from slicekit.methods import config_from_dict, config_to_dict
+
+    assert MoDeGPTConfig().fast_heads is False
+    old = {k: v for k, v in config_to_dict(MoDeGPTConfig()).items() if k != "fast_heads"}
+    assert config_from_dict(MoDeGPTConfig, old).fast_heads is False
+    assert config_from_dict(MoDeGPTConfig, old | {"fast_heads": True}).fast_heads is True
 
 
 @pytest.mark.parametrize("modules", ["mlp", "vo", "qk"])

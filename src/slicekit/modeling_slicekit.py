@@ -339,12 +339,40 @@ class ReducedAttention:
     dimensions.  The projections apply that rotation (see :class:`HeadProjection`); transformers'
     forward gets an identity rotation (cos 1, sin 0) and does everything else as usual.  The
     softmax scale stays the original module's ``scaling``.
+
+    Fast path: where every head keeps the same dims (all rows of ``qk_index`` equal — MoDeGPT's
+    ``fast_heads``) and every kept query/key dim is rotated with no padding (Llama-type RoPE,
+    ``v_dim ≤ qk_dim``), cos/sin gathered at that one row broadcast over the heads like the
+    original ones, so transformers' own RoPE does the rotation and the projections only multiply.
+    That removes about forty small tensor operations per layer, which at decode time (a few
+    tokens per call) cost more than the matrix products the narrowing saved.  Whether the rows are
+    equal is checked once per change of the buffer (its identity and version), not per call.
     """
+
+    def _sk_shared_row(self) -> torch.Tensor | None:
+        """Row 0 of ``qk_index`` if the fast path applies (see the class docstring), else None."""
+        buf = self.qk_index
+        try:
+            key = (id(buf), buf._version)
+        except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change)
+            key = (id(buf), -1)
+        cached = self.__dict__.get("_sk_shared")
+        if cached is None or cached[0] != key:
+            spec = self.sk_spec
+            fast = (spec["rotary_dim"] == spec["qk_dim"] == spec["pad_dim"]
+                    and bool((buf == buf[:1]).all()))
+            cached = (key, buf[0] if fast else None)
+            self.__dict__["_sk_shared"] = cached
+        return cached[1]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         spec = self.sk_spec
         pe = kwargs.get("position_embeddings")
         q_lin, k_lin = getattr(self, spec["q"]), getattr(self, spec["k"])
+        if spec["rotary_dim"] and pe is not None and (row := self._sk_shared_row()) is not None:
+            cos, sin = pe
+            kwargs["position_embeddings"] = (cos[..., row], sin[..., row])
+            return super().forward(hidden_states, *args, **kwargs)
         if spec["rotary_dim"] and pe is not None:
             cos, sin = pe
             idx = self.qk_index[:, : spec["rotary_dim"]]

@@ -101,11 +101,12 @@ class LayerPlan:
 
 
 def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: set[str],
-          multiple: int = 1) -> LayerPlan:
+          multiple: int = 1, fast_heads: bool = False) -> LayerPlan:
     """Sizes kept at layer sparsity ``rho``: the same kept fraction for every compressed module
     (rotary pairs stay whole; with partial rotary the rotated share of the head is kept).  Kept
     MLP widths are multiples of ``multiple`` (``methods.common.mlp_multiple``: the config's
-    ``round_to``, for routed experts its lcm with 8)."""
+    ``round_to``, for routed experts its lcm with 8).  ``fast_heads``: the value rank equals the
+    query/key width where both are narrowed (no head padding)."""
     keep = 1.0 - rho
     mlp = mlp_width
     if "mlp" in modules:
@@ -124,6 +125,8 @@ def keeps(rho: float, mlp_width: int, geo: AttentionGeometry | None, modules: se
         if need > rot:
             rot = need + need % 2
     vo = max(1, min(d, round(keep * d))) if "vo" in modules else d
+    if fast_heads and {"qk", "vo"} <= modules:
+        vo = qk
     return LayerPlan(rho, mlp, qk, vo, rot)
 
 
@@ -173,7 +176,9 @@ class ModularDecomposition:
             ck = gk[j * d:(j + 1) * d, j * d:(j + 1) * d]
             for h in range(j * grp, (j + 1) * grp):
                 scores[j] += cr_scores(gq[h * d:(h + 1) * d, h * d:(h + 1) * d], ck).cpu()
-        if 0 < g.rotary_dim < d:  # partial rotary: one set for all heads (same rotated count per head)
+        if 0 < g.rotary_dim < d or self.config.fast_heads:
+            # one set for all heads: partial rotary needs the same rotated count per head, and
+            # fast_heads lets the family's own RoPE rotate every head alike
             shared = select_qk_dims(scores.sum(0), keep, g.rotary_dim, rotated)
             index = [shared] * kv
         else:
@@ -276,7 +281,8 @@ def _geometry(model: nn.Module, config: MoDeGPTConfig) -> tuple[ArchSpec, Attent
 def layer_plans(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> list[LayerPlan]:
     spec, geo = _geometry(model, config)
     width = mlp_width_of(spec.layer_list(model)[0], spec)
-    return [keeps(r, width, geo, config.module_set, mlp_multiple(spec, config.round_to)) for r in fractions]
+    return [keeps(r, width, geo, config.module_set, mlp_multiple(spec, config.round_to), config.fast_heads)
+            for r in fractions]
 
 
 def plan(model: nn.Module, config: MoDeGPTConfig, fractions: list[float]) -> Plan:
