@@ -262,7 +262,17 @@ def test_fast_heads_use_the_family_rope_and_equal_the_general_path(monkeypatch):
         _slow_path(m)
         assert _rel(_logits(model, x), fast) < 1e-5
         assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True), gen_fast)
+    clone = copy.deepcopy(model)  # a copy's buffers are new tensors: its cache must not be reused
+    assert all(a._sk_shared_row() is not None for a in (layer.self_attn for layer in clone.model.layers))
+    assert torch.equal(_logits(clone, x), fast)
     attn = attns[0]
+    other = attn.qk_index.clone()
+    other[1] = other[1].flip(0)
+    attn._buffers["qk_index"] = other  # replaced, as loading may do
+    assert attn._sk_shared_row() is None
+    with torch.no_grad():
+        attn.qk_index.copy_(attn.qk_index[:1].expand_as(attn.qk_index))  # rows equal again, in place
+    assert attn._sk_shared_row() is not None
     with torch.no_grad():
         attn.qk_index[1] = attn.qk_index[1].flip(0)
     assert attn._sk_shared_row() is None

@@ -353,17 +353,21 @@ class ReducedAttention:
         """Row 0 of ``qk_index`` if the fast path applies (see the class docstring), else None."""
         buf = self.qk_index
         try:
-            key = (id(buf), buf._version)
+            version = buf._version
         except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change)
-            key = (id(buf), -1)
+            version = -1
         cached = self.__dict__.get("_sk_shared")
-        if cached is None or cached[0] != key:
+        # the cache holds a view of the buffer it was made from, which keeps that storage alive: a
+        # buffer replaced by ``.to()``, loading or a copy cannot then share its address (id() could
+        # be reused), and the cache stays picklable and deep-copyable
+        if (cached is None or cached[0].data_ptr() != buf.data_ptr() or cached[0].device != buf.device
+                or cached[1] != version):
             spec = self.sk_spec
             fast = (spec["rotary_dim"] == spec["qk_dim"] == spec["pad_dim"]
                     and bool((buf == buf[:1]).all()))
-            cached = (key, buf[0] if fast else None)
+            cached = (buf[:1], version, buf[0] if fast else None)
             self.__dict__["_sk_shared"] = cached
-        return cached[1]
+        return cached[2]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         spec = self.sk_spec
