@@ -107,7 +107,8 @@ def test_loader_file_needs_nothing_but_torch_transformers_safetensors():
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
-    allowed = {"__future__", "ast", "inspect", "textwrap", "contextlib", "json", "os", "shutil", "types", "collections", "typing",
+    allowed = {"__future__", "ast", "inspect", "textwrap", "contextlib", "json", "os", "shutil", "types", "weakref",
+               "collections", "typing",
                "torch", "transformers", "safetensors", "huggingface_hub", "accelerate"}
     assert roots <= allowed, roots - allowed
 

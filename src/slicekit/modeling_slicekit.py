@@ -48,6 +48,7 @@ import json
 import os
 import shutil
 import types
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -289,6 +290,37 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
+#: ``(weakref to cos, weakref to sin, tables)`` of the latest rotary embeddings, newest first;
+#: two, because some families (Gemma 2/3) alternate local and global embeddings layer by layer
+_ROPE_TABLES: list[Any] = []
+
+
+def _rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stack((cos, signed_sin))`` over the full rotary width, built once per model call, with a
+    0-dim one and zero of their dtype (the identity rotation the layers hand to transformers).
+
+    Every decoder layer receives the same ``position_embeddings`` tensors, so the table is
+    cached on their identity (weak references: a freed tensor's id could be reused, a dead
+    reference cannot match) and dropped when ``cos`` is freed: nothing outlives the call.  Gathering the signed sine at the
+    kept dims equals signing the gathered sine (the kept "firsts" are exactly the kept dims of the
+    first half), so each layer needs one gather instead of two gathers, a negation and a
+    concatenation.
+    """
+    for entry in tuple(_ROPE_TABLES):
+        if entry[0]() is cos and entry[1]() is sin:
+            return entry[2]
+    tables = (torch.stack((cos, _signed_sin(sin))), cos.new_ones(()), sin.new_zeros(()))
+    entry = (weakref.ref(cos), weakref.ref(sin), tables)
+    _ROPE_TABLES[:] = [entry, *_ROPE_TABLES[:1]]
+    weakref.finalize(cos, _drop_rope_table, entry)
+    return tables
+
+
+def _drop_rope_table(entry: Any) -> None:
+    # by identity: comparing the entries' weak references would compare live tensors elementwise
+    _ROPE_TABLES[:] = [e for e in _ROPE_TABLES if e is not entry]
+
+
 class HeadProjection:
     """Mixin for a q/k/v projection of narrowed heads: ``sk_dim`` kept dims per head, padded to
     ``sk_pad`` with zeros (the attention module's ``head_dim``); q and k first get rotary
@@ -305,15 +337,20 @@ class HeadProjection:
         dim, pad = self.sk_dim, self.sk_pad
         if rope is None and dim == pad:
             return y
-        y = y.view(*y.shape[:-1], -1, dim)
-        if rope is not None:
-            cos, sin = rope  # (..., T, heads, r); sin with its first half negated (``_signed_sin``)
+        if rope is None:
+            y = y.view(*y.shape[:-1], -1, dim)
+        else:
+            # (..., T, kv_heads, heads per KV head, dim): a GQA group's query heads follow each
+            # other and share their KV head's dims, so cos/sin broadcast over the group
+            cos, sin = rope  # (..., T, kv_heads, 1, r); sin with its first half negated
+            y = y.view(*y.shape[:-1], cos.shape[-3], -1, dim)
             r = cos.shape[-1]
-            if r == dim:  # every kept dim rotates (Llama-type RoPE): four ops, no concatenation
-                y = y * cos + torch.roll(y, r // 2, dims=-1) * sin
+            if r == dim:  # every kept dim rotates (Llama-type RoPE): three ops, no concatenation
+                y = torch.addcmul(y * cos, torch.roll(y, r // 2, dims=-1), sin)
             else:
                 rot = y[..., :r]
-                y = torch.cat((rot * cos + torch.roll(rot, r // 2, dims=-1) * sin, y[..., r:]), dim=-1)
+                y = torch.cat((torch.addcmul(rot * cos, torch.roll(rot, r // 2, dims=-1), sin), y[..., r:]), dim=-1)
+            y = y.flatten(-3, -2)
         if dim < pad:
             y = F.pad(y, (0, pad - dim))
         return y.flatten(-2)
@@ -338,7 +375,10 @@ class ReducedAttention:
     gathered at ``qk_index`` give exactly the scores of the original head restricted to the kept
     dimensions.  The projections apply that rotation (see :class:`HeadProjection`); transformers'
     forward gets an identity rotation (cos 1, sin 0) and does everything else as usual.  The
-    softmax scale stays the original module's ``scaling``.
+    softmax scale stays the original module's ``scaling``.  Per layer and call this costs one
+    gather (cos and the signed sine are stacked once per model call, :func:`_rope_table`) and
+    three element-wise operations per projection, broadcast over a GQA group's query heads rather
+    than repeated for each.
 
     Fast path: where every head keeps the same dims (all rows of ``qk_index`` equal — MoDeGPT's
     ``fast_heads``) and every kept query/key dim is rotated with no padding (Llama-type RoPE,
@@ -379,15 +419,14 @@ class ReducedAttention:
             return super().forward(hidden_states, *args, **kwargs)
         if spec["rotary_dim"] and pe is not None:
             cos, sin = pe
-            idx = self.qk_index[:, : spec["rotary_dim"]]
-            cos_k, sin_k = cos[..., idx], _signed_sin(sin[..., idx])  # (..., T, kv_heads, r)
-            group = spec["num_heads"] // spec["num_kv_heads"]
-            q_lin._sk_rope = (cos_k.repeat_interleave(group, dim=-2), sin_k.repeat_interleave(group, dim=-2))
-            k_lin._sk_rope = (cos_k, sin_k)
+            # one gather per layer: (2, ..., T, kv_heads, r), cos and signed sin at each KV
+            # head's kept dims; the projections broadcast it over a group's query heads
+            table, one, zero = _rope_table(cos, sin)
+            rope = table[..., self.qk_index[:, : spec["rotary_dim"]]].unsqueeze(-2)
+            q_lin._sk_rope = k_lin._sk_rope = (rope[0], rope[1])
             n = min(cos.shape[-1], spec["pad_dim"])
             # the identity rotation, as stride-0 views (nothing allocated per layer)
-            kwargs["position_embeddings"] = (cos.new_ones(()).expand(*cos.shape[:-1], n),
-                                             sin.new_zeros(()).expand(*sin.shape[:-1], n))
+            kwargs["position_embeddings"] = (one.expand(*cos.shape[:-1], n), zero.expand(*sin.shape[:-1], n))
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:

@@ -33,11 +33,11 @@ class MoDeGPTConfig(MethodConfig):
     schedule says; version-2 recipes, written before the option existed, reproduce with 1.
     ``fast_heads``: every head of a layer keeps the same query/key dims (CR scores summed over all
     heads instead of per KV group) and the value rank equals the query/key width, so that the
-    family's own RoPE applies to the narrowed heads and no head is padded: decoding runs at the
-    speed of the smaller matrices instead of losing it to per-head rotary bookkeeping.  On
-    SmolLM2-135M at 25 %: decode at batch 8 1.13× dense instead of 1.07×, at a WikiText-2
-    perplexity of 69.1 instead of 58.8 (``benchmarks/results/speed_modegpt_fast_heads.json``,
-    ``modegpt_fast_heads.json``).  False (default): the paper's per-group dims and value rank.
+    family's own RoPE applies to the narrowed heads and no head is padded, which saves the
+    per-head rotary work of the general path.  On SmolLM2-135M at 25 %, in one run of
+    ``benchmarks/speed.py`` (``speed.json``): decode at batch 8 1.29× dense against 1.24× for the
+    default, at a WikiText-2 perplexity of 69.1 instead of 58.8 (``modegpt_fast_heads.json``).
+    False (default): the paper's per-group dims and value rank.
     """
 
     VERSION: ClassVar[int] = 3
