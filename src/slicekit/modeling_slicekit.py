@@ -301,10 +301,10 @@ def _rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
     Every decoder layer receives the same ``position_embeddings`` tensors, so the table is
     cached on their identity (weak references: a freed tensor's id could be reused, a dead
-    reference cannot match) and dropped when ``cos`` is freed: nothing outlives the call.  Gathering the signed sine at the
-    kept dims equals signing the gathered sine (the kept "firsts" are exactly the kept dims of the
-    first half), so each layer needs one gather instead of two gathers, a negation and a
-    concatenation.
+    reference cannot match) and dropped when ``cos`` is freed: nothing outlives the call.
+    Gathering the signed sine at the kept dims equals signing the gathered sine (the kept
+    "firsts" are exactly the kept dims of the first half), so each layer needs one gather instead
+    of two gathers, a negation and a concatenation.
     """
     for entry in tuple(_ROPE_TABLES):
         if entry[0]() is cos and entry[1]() is sin:
@@ -383,9 +383,8 @@ class ReducedAttention:
     Fast path: where every head keeps the same dims (all rows of ``qk_index`` equal — MoDeGPT's
     ``fast_heads``) and every kept query/key dim is rotated with no padding (Llama-type RoPE,
     ``v_dim ≤ qk_dim``), cos/sin gathered at that one row broadcast over the heads like the
-    original ones, so transformers' own RoPE does the rotation and the projections only multiply.
-    That removes about forty small tensor operations per layer, which at decode time (a few
-    tokens per call) cost more than the matrix products the narrowing saved.  Whether the rows are
+    original ones, so transformers' own RoPE does the rotation and the projections only multiply
+    (no identity rotation, no rotation in the projections, no padding).  Whether the rows are
     equal is checked once per change of the buffer (its identity and version), not per call.
     """
 
