@@ -293,9 +293,8 @@ def zs_of(row: dict[str, Any]) -> ZeroShotResult | None:
 
 def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[str]) -> float | None:
     """Mean above-chance retention (the library's) over the tasks where the dense model beats
-    chance; None without zero-shot.  A task the dense model does not beat (WinoGrande on few
-    items) has no margin to retain, so it is left out, as the library's error asks, and the
-    notes name it."""
+    chance by two standard errors; None without zero-shot.  A task the dense model does not
+    measurably beat (WinoGrande) has no margin to retain, so it is left out and the notes name it."""
     if zs is None:
         return None
     scored = scored_tasks(dense, tasks)
@@ -307,7 +306,7 @@ def left_out_note(dense: ZeroShotResult | None, tasks: list[str]) -> str:
     where the dense model does not beat chance); empty when none is."""
     if dense is None or scored_tasks(dense, tasks) == tasks:
         return ""
-    return (", over the tasks where the dense model beats chance (left out: "
+    return (", over the tasks where the dense model beats chance by at least two standard errors (left out: "
             f"{', '.join(t for t in tasks if t not in scored_tasks(dense, tasks))})")
 
 
@@ -317,8 +316,9 @@ def rounded(v: float | None, digits: int) -> float | None:
 
 
 def scored_tasks(dense: ZeroShotResult, tasks: list[str]) -> list[str]:
-    """The tasks on which the dense model scores above chance (the only ones with a margin)."""
-    return [t for t in tasks if dense.scores[t].score > dense.scores[t].chance]
+    """The tasks on which the dense model beats chance by at least two standard errors (the only
+    ones with a measurable margin: :meth:`slicekit.zeroshot.ZeroShotResult.margin_tasks`)."""
+    return dense.margin_tasks(tasks)
 
 
 # ---------------------------------------------------------------- results

@@ -325,6 +325,33 @@ def test_average_and_retentions():
         ZeroShotResult.from_dict({"scores": {}})
 
 
+def test_default_above_chance_retention_leaves_out_tasks_the_dense_model_does_not_measurably_beat():
+    """WinoGrande at 0.515 on 200 items is half a standard error above chance: its 'margin' is
+    noise, and dividing by it turned a compressed model's 0.57 into a retention of 4.7 (what a
+    benchmark once reported).  The default leaves it out; naming it still uses it."""
+    def res(wino: float, wino_se: float | None, piqa: float) -> ZeroShotResult:
+        out = _result({"piqa": (piqa, piqa, 0.5), "winogrande": (wino, None, 0.5)}, items=200)
+        out.scores["winogrande"].acc_stderr = wino_se
+        return out
+
+    dense = res(0.515, 0.0354, 0.70)
+    small = res(0.57, 0.035, 0.60)
+    assert dense.scores["winogrande"].margin_z() == pytest.approx(0.015 / 0.0354)
+    assert dense.margin_tasks() == ["piqa"]
+    assert small.above_chance_retention(dense) == pytest.approx(0.5)  # piqa's (0.6 − 0.5)/(0.7 − 0.5) alone
+    assert small.above_chance_retention(dense, ["piqa", "winogrande"]) == pytest.approx((0.5 + 0.07 / 0.015) / 2)
+    # without lm-eval's stderr the binomial one is used: sqrt(.515 × .485 / 200) = 0.0353
+    assert res(0.515, None, 0.7).scores["winogrande"].stderr == pytest.approx(math.sqrt(0.515 * 0.485 / 200))
+    assert res(0.515, None, 0.7).margin_tasks() == ["piqa"]
+    assert res(0.60, None, 0.7).margin_tasks() == ["piqa", "winogrande"]  # 0.1 / 0.0346 ≈ 2.9 se
+    assert dense.margin_tasks(z=0.4) == ["piqa", "winogrande"]
+    flat = res(0.515, 0.0354, 0.51)
+    with pytest.raises(SlicekitError, match="none of these tasks"):
+        small.above_chance_retention(flat)
+    table = small.format_table(dense)
+    assert "above-chance retention 0.5000 (left out, dense within 2 standard errors of chance: winogrande)" in table
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unknown_task_and_bad_settings(tiny_lm):

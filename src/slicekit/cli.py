@@ -241,7 +241,11 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     out = res.as_dict()
     if dense is not None:
         out["retention"] = res.retention(dense)
-        out["above_chance_retention"] = res.above_chance_retention(dense)
+        # over the tasks where the dense margin is measurable; None (not an error after a long
+        # evaluation) when there is none
+        kept = dense.margin_tasks([t for t in res.scores if t in dense.scores])
+        out["above_chance_tasks"] = kept
+        out["above_chance_retention"] = res.above_chance_retention(dense, kept) if kept else None
     if args.save_json:
         _write_json_atomic(args.save_json, out)
     _out(out, args.json, res.format_table(dense=dense))

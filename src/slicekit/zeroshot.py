@@ -52,6 +52,9 @@ DEFAULT_SEED = 1234
 # Only LAMBADA's perplexity has a bootstrapped stderr; accuracy stderrs are closed-form (they are
 # computed whenever this is > 0).  lm-eval's default of 100 000 draws takes minutes on 5k items.
 BOOTSTRAP_ITERS = 1000
+#: a task counts in the default above-chance retention when the dense model beats chance by this
+#: many standard errors (ZeroShotResult.margin_tasks says why)
+MARGIN_Z = 2.0
 
 # ----------------------------------------------------------------------------- task definitions
 
@@ -524,6 +527,24 @@ class TaskScore:
         assert value is not None
         return value
 
+    @property
+    def stderr(self) -> float:
+        """Standard error of :attr:`score`: lm-eval's where it reported one, else the binomial
+        ``sqrt(p(1 − p)/items)`` it would have reported."""
+        value = self.acc_norm_stderr if self.metric == "acc_norm" else self.acc_stderr
+        if value is not None:
+            return value
+        p = self.score
+        return math.sqrt(max(p * (1 - p), 0.0) / max(self.items, 1))
+
+    def margin_z(self) -> float:
+        """How many standard errors the score sits above chance (negative below it)."""
+        margin = self.score - self.chance
+        se = self.stderr
+        if se <= 0:
+            return math.inf if margin > 0 else (-math.inf if margin < 0 else 0.0)
+        return margin / se
+
 
 @dataclass
 class ZeroShotResult:
@@ -566,10 +587,29 @@ class ZeroShotResult:
             raise SlicekitError("the dense model scores 0 on these tasks; retention is undefined")
         return self.average(names) / base
 
+    def margin_tasks(self, tasks: list[str] | None = None, z: float = MARGIN_Z) -> list[str]:
+        """The tasks (of ``tasks``, default all) on which this model — the dense reference — beats
+        chance by at least ``z`` standard errors.
+
+        Why: above-chance retention divides by the dense model's margin.  A small model sits at
+        chance on some tasks (SmolLM2-135M on WinoGrande: 0.515 on 200 items, half a standard
+        error above 0.5); there the margin is noise, and one lucky item moves the ratio by whole
+        units.  Such a task has no margin to retain, so the default average leaves it out."""
+        return [n for n in self._tasks(tasks) if self.scores[n].margin_z() >= z]
+
     def above_chance_retention(self, dense: ZeroShotResult, tasks: list[str] | None = None) -> float:
         """Mean over tasks of (score − chance) / (dense − chance): what fraction of the dense
         model's margin over guessing survives.  Plain retention flatters a model that collapsed
-        to chance (50 % of a 2-way task's 70 % "retains" 71 %); this measure gives it 0."""
+        to chance (50 % of a 2-way task's 70 % "retains" 71 %); this measure gives it 0.
+
+        ``tasks`` default: this result's tasks on which the dense model's margin is measurable
+        (:meth:`margin_tasks`, ≥ 2 standard errors); named tasks are used as given, and one where
+        the dense model is at or below chance is refused."""
+        if tasks is None:
+            tasks = dense.margin_tasks([n for n in self.scores if n in dense.scores])
+            if not tasks:
+                raise SlicekitError(f"the dense model beats chance by {MARGIN_Z:g} standard errors on none of these "
+                                    "tasks; above-chance retention is undefined (use more items: --limit)")
         names = self._tasks(tasks, dense)
         ratios = []
         for n in names:
@@ -623,9 +663,12 @@ class ZeroShotResult:
         avg = f"average ({', '.join(f'{n}:{s.metric}' for n, s in self.scores.items())}): {self.average():.4f}"
         lines.append(avg)
         if dense is not None and dense.average(list(self.scores)) > 0:
+            kept = dense.margin_tasks([n for n in self.scores if n in dense.scores])
+            left = [n for n in self.scores if n not in kept]
             lines.append(f"retention {self.retention(dense):.4f}, above-chance retention "
-                         + (f"{self.above_chance_retention(dense):.4f}"
-                            if all(dense.scores[n].score > dense.scores[n].chance for n in self.scores) else "undefined"))
+                         + (f"{self.above_chance_retention(dense, kept):.4f}" if kept else "undefined")
+                         + (f" (left out, dense within {MARGIN_Z:g} standard errors of chance: {', '.join(left)})"
+                            if kept and left else ""))
         lines.append(f"lm-eval {self.lm_eval_version}, {self.num_fewshot}-shot, limit {self.limit}, seed {self.seed}, "
                      f"{self.seconds:.0f} s")
         return "\n".join(lines)
