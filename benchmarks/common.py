@@ -303,7 +303,7 @@ def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[s
 
 def left_out_note(dense: ZeroShotResult | None, tasks: list[str]) -> str:
     """The suffix of a result note that names the tasks 'above-chance retained' leaves out (those
-    where the dense model does not beat chance); empty when none is."""
+    where the dense model does not beat chance by two standard errors); empty when none is."""
     if dense is None or scored_tasks(dense, tasks) == tasks:
         return ""
     return (", over the tasks where the dense model beats chance by at least two standard errors (left out: "

@@ -338,6 +338,9 @@ def test_default_above_chance_retention_leaves_out_tasks_the_dense_model_does_no
     small = res(0.57, 0.035, 0.60)
     assert dense.scores["winogrande"].margin_z() == pytest.approx(0.015 / 0.0354)
     assert dense.margin_tasks() == ["piqa"]
+    assert small.above_chance_tasks(dense) == ["piqa"]
+    with pytest.raises(SlicekitError, match="not in the dense result"):  # a missing task is an error, not dropped
+        res(0.57, 0.035, 0.6).above_chance_tasks(_result({"piqa": (0.7, 0.7, 0.5)}, items=200))
     assert small.above_chance_retention(dense) == pytest.approx(0.5)  # piqa's (0.6 − 0.5)/(0.7 − 0.5) alone
     assert small.above_chance_retention(dense, ["piqa", "winogrande"]) == pytest.approx((0.5 + 0.07 / 0.015) / 2)
     # without lm-eval's stderr the binomial one is used: sqrt(.515 × .485 / 200) = 0.0353

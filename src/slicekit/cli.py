@@ -243,7 +243,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         out["retention"] = res.retention(dense)
         # over the tasks where the dense margin is measurable; None (not an error after a long
         # evaluation) when there is none
-        kept = dense.margin_tasks([t for t in res.scores if t in dense.scores])
+        kept = res.above_chance_tasks(dense)
         out["above_chance_tasks"] = kept
         out["above_chance_retention"] = res.above_chance_retention(dense, kept) if kept else None
     if args.save_json:

@@ -597,6 +597,12 @@ class ZeroShotResult:
         units.  Such a task has no margin to retain, so the default average leaves it out."""
         return [n for n in self._tasks(tasks) if self.scores[n].margin_z() >= z]
 
+    def above_chance_tasks(self, dense: ZeroShotResult) -> list[str]:
+        """This result's tasks that the default above-chance retention against ``dense`` averages:
+        those with a measurable dense margin (:meth:`margin_tasks`).  Every task must be in
+        ``dense`` with the same item count, as for the other comparisons."""
+        return dense.margin_tasks(self._tasks(None, dense))
+
     def above_chance_retention(self, dense: ZeroShotResult, tasks: list[str] | None = None) -> float:
         """Mean over tasks of (score − chance) / (dense − chance): what fraction of the dense
         model's margin over guessing survives.  Plain retention flatters a model that collapsed
@@ -606,7 +612,7 @@ class ZeroShotResult:
         (:meth:`margin_tasks`, ≥ 2 standard errors); named tasks are used as given, and one where
         the dense model is at or below chance is refused."""
         if tasks is None:
-            tasks = dense.margin_tasks([n for n in self.scores if n in dense.scores])
+            tasks = self.above_chance_tasks(dense)
             if not tasks:
                 raise SlicekitError(f"the dense model beats chance by {MARGIN_Z:g} standard errors on none of these "
                                     "tasks; above-chance retention is undefined (use more items: --limit)")
@@ -663,7 +669,7 @@ class ZeroShotResult:
         avg = f"average ({', '.join(f'{n}:{s.metric}' for n, s in self.scores.items())}): {self.average():.4f}"
         lines.append(avg)
         if dense is not None and dense.average(list(self.scores)) > 0:
-            kept = dense.margin_tasks([n for n in self.scores if n in dense.scores])
+            kept = self.above_chance_tasks(dense)
             left = [n for n in self.scores if n not in kept]
             lines.append(f"retention {self.retention(dense):.4f}, above-chance retention "
                          + (f"{self.above_chance_retention(dense, kept):.4f}" if kept else "undefined")
