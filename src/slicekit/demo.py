@@ -65,8 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
         log(f"[5/7] recovery: full fine-tuning distilled from the dense model on {args.recover_tokens} tokens of "
             "Brown (its train split; never the evaluation text)")
         # Many small steps (1 × 256 tokens) rather than few large ones: at a budget this short the
-        # number of optimizer steps limits recovery, and on 2 cores a window of 256 costs no more per
-        # token than 4 × 512 (FASP 25 %, 65,536 tokens: 41 % of the WikiText gap closed against 36 %).
+        # number of optimizer steps limits recovery (RecoverConfig's docstring has the measurements).
         rec = recover(model, tok, RecoverConfig(dataset="brown", seqlen=256, batch_size=1, tokens=args.recover_tokens,
                                                 mode="full", lr=2e-4), teacher=teacher, progress=not args.quiet)
         del teacher
