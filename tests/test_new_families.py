@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from clirun import Run, offline_env, run_cli
 from slicekit.arch import attention_info, get_arch, linear_weight, mlp_width
 from slicekit.checkpoint import load, save
 from slicekit.errors import SlicekitError
@@ -401,10 +399,9 @@ def test_methods_that_cannot_compress_a_family_refuse_before_any_work(method, ar
 
 # ------------------------------------------------------------------------ commands without an adapter
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "slicekit.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env, stdin=subprocess.DEVNULL)
+def _cli(*args: str) -> Run:
+    """``slicekit ARGS`` in this process, offline (see clirun)."""
+    return run_cli(*args, env=offline_env(TRANSFORMERS_OFFLINE="1"))
 
 
 @pytest.fixture(scope="module")

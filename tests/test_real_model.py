@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from clirun import run_cli
 from slicekit.checkpoint import load, save
 from slicekit.data import load_text
 from slicekit.evaluate import eval_windows, perplexity_of_windows
@@ -32,16 +33,15 @@ def _independent_ppl(model, windows):
 
 def test_cli_eval_agrees_with_independent_computation(smollm2_pristine, data_dir):
     model, tok = smollm2_pristine
-    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", "eval", "--model", "smollm2-135m", "--dataset",
-                           "wikitext2", "--seqlen", "512", "--max-windows", "8", "--json", "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(proc.stdout)
-    assert res["windows"] == 8 and res["seqlen"] == 512 and res["tokens"] == 8 * 511
+    run = run_cli("eval", "--model", "smollm2-135m", "--dataset", "wikitext2", "--seqlen", "256", "--max-windows", "6",
+                  "--json", "--quiet")
+    assert run.rc == 0, run.err[-2000:]
+    res = json.loads(run.out)
+    assert res["windows"] == 6 and res["seqlen"] == 256 and res["tokens"] == 6 * 255
     # independent: the raw test file read here, tokenised here, scored one window at a time
     with open(f"{data_dir}/wikitext-2/wiki.test.raw", encoding="utf-8") as fh:
         rows = [line if line.strip() else "" for line in fh]
-    ids = tok("\n\n".join(rows), return_tensors="pt").input_ids[0][: 8 * 512].view(8, 512)
+    ids = tok("\n\n".join(rows), return_tensors="pt").input_ids[0][: 6 * 256].view(6, 256)
     ref = _independent_ppl(model, ids)
     assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
     assert 10 < ref < 60  # a sane value for a 135M instruct model on WikiText-2
@@ -56,12 +56,12 @@ def test_perplexity_rises_with_sparsity(smollm2_pristine, data_dir):
     windows = eval_windows(tok, load_text("wikitext2", purpose="eval"), 256, 6)
     dense = math.exp(perplexity_of_windows(model, windows, progress=False)[0])
     ppls = []
-    for s in (0.1, 0.2, 0.3):
+    for s in (0.15, 0.3):
         m = copy.deepcopy(model)
         compress(m, tok, "slicegpt", SliceGPTConfig(slicing=s), cal, progress=False, batches=batches)
         ppls.append(math.exp(perplexity_of_windows(m, windows, progress=False)[0]))
         del m
-    assert dense < ppls[0] < ppls[1] < ppls[2], (dense, ppls)
+    assert dense < ppls[0] < ppls[1], (dense, ppls)
 
 
 def test_sliced_model_round_trip_and_generation(smollm2, data_dir, tmp_path):

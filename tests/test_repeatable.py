@@ -1,7 +1,8 @@
 """Repeatable runs: the same command twice gives bit-identical weights.
 
-Tiny models go through the command line in two separate processes with different
-``PYTHONHASHSEED`` values, so anything that depends on set or dict-of-set iteration order, on
+Tiny models go through the command line twice: in the test process (its own random
+``PYTHONHASHSEED``, after every test that ran before in it) and in a new interpreter with
+``PYTHONHASHSEED=4242``, so anything that depends on set or dict-of-set iteration order, on
 object addresses, or on state left in a process would show up as a difference.  SmolLM2 runs
 the same call twice in one process (loading it twice from GGUF would not fit the time budget).
 """
@@ -11,13 +12,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from clirun import run_cli
 from slicekit.methods import available_methods, get_method
 from tiny import save_tiny_with_tokenizer
 
@@ -41,37 +41,17 @@ def _env(hash_seed: str) -> dict[str, str]:
 FAST: dict[str, tuple[str, ...]] = {"disp": ("--train-tokens", "1024"), "prunenet": ("--episodes", "2")}
 
 
-def compress_cli(model: Path, method: str, out: Path, hash_seed: str, *extra: str) -> dict:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "slicekit.cli",
-            "compress",
-            "--model",
-            str(model),
-            "--method",
-            method,
-            "--cal-nsamples",
-            "4",
-            "--cal-seqlen",
-            "64",
-            "--out",
-            str(out),
-            "--quiet",
-            "--json",
-            *FAST.get(method, ()),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-        env=_env(hash_seed),
-        cwd=out.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+def compress_cli(model: Path, method: str, out: Path, hash_seed: str | None, *extra: str) -> dict:
+    """``slicekit compress`` in a new interpreter with ``PYTHONHASHSEED=hash_seed``, or with
+    ``hash_seed=None`` in the test process (its own random hash seed, after whatever ran before)."""
+    args = ["compress", "--model", str(model), "--method", method, "--cal-nsamples", "4", "--cal-seqlen", "64",
+            "--out", str(out), "--quiet", "--json", *FAST.get(method, ()), *extra]
+    if hash_seed is None:
+        run = run_cli(*args, cwd=out.parent, env=_env(os.environ.get("PYTHONHASHSEED", "random")))
+    else:
+        run = run_cli(*args, cwd=out.parent, env=_env(hash_seed), fresh=True)
+    assert run.rc == 0, run.err[-3000:]
+    return json.loads(run.out)
 
 
 def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +96,7 @@ def _shape(directory: Path) -> dict | None:
 
 @pytest.mark.parametrize("method", available_methods())
 def test_same_command_twice_gives_identical_weights(method, tiny_dir, data_dir, tmp_path):
-    first = compress_cli(tiny_dir, method, tmp_path / "first", "0")
+    first = compress_cli(tiny_dir, method, tmp_path / "first", None)
     second = compress_cli(tiny_dir, method, tmp_path / "second", "4242")
     assert first["params"]["compressed"]["decoder"] < first["params"]["original"]["decoder"], (
         "nothing was removed"
@@ -134,7 +114,7 @@ def test_same_command_twice_gives_identical_weights(method, tiny_dir, data_dir, 
         # (DISP prunes without restoring weights, and its tiny budget here barely trains: its own
         # hypernetwork seed is what must change the result)
         seed = "--disp-seed" if method == "disp" else "--seed"
-        other = compress_cli(tiny_dir, method, tmp_path / "other", "0", seed, "7")
+        other = compress_cli(tiny_dir, method, tmp_path / "other", None, seed, "7")
         if method != "disp":  # DISP's structure (and so its count, within the solver's unit) follows its seed
             assert other["params"] == first["params"]
         assert bitwise_differences(a, saved_tensors(tmp_path / "other")), "--seed had no effect"
@@ -142,14 +122,18 @@ def test_same_command_twice_gives_identical_weights(method, tiny_dir, data_dir, 
 
 @pytest.mark.slow
 def test_smollm2_fasp_twice_is_bit_identical(smollm2_pristine, data_dir):
-    """FASP at target 0.25 with 4 × 128 calibration tokens, twice on fresh copies."""
+    """FASP at target 0.25 with 4 × 128 calibration tokens, twice on fresh copies; the first also
+    checks the share removed and that the plan's count is the real one."""
+    from slicekit.models import count_parameters
     from slicekit.pipeline import CalibrationRequest, compress
+    from slicekit.shape import count_plan
 
     pristine, tok = smollm2_pristine
+    before = count_parameters(pristine)["decoder"]
     states = []
     for _ in range(2):
         model = copy.deepcopy(pristine)
-        compress(
+        report = compress(
             model,
             tok,
             "fasp",
@@ -157,6 +141,12 @@ def test_smollm2_fasp_twice_is_bit_identical(smollm2_pristine, data_dir):
             CalibrationRequest(nsamples=4, seqlen=128, batch_size=4),
             progress=False,
         )
+        if not states:
+            after = count_parameters(model)["decoder"]
+            assert abs((before - after) / before - 0.25) < 0.01
+            assert count_plan(report.plan).decoder == after == sum(p.numel() for p in model.model.layers.parameters())
+            with torch.no_grad():
+                assert torch.isfinite(model(input_ids=tok("The city of", return_tensors="pt").input_ids).logits).all()
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         del model
     ref = {k: v for k, v in pristine.state_dict().items()}

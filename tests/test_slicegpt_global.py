@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from clirun import run_cli
 from slicekit.arch import attention_info, get_arch
 from slicekit.checkpoint import save
 from slicekit.errors import SlicekitError
@@ -314,8 +313,9 @@ def test_pca_basis_beats_a_random_basis(monkeypatch):
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "slicekit.cli", *args], capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
+    """``slicekit ARGS`` in this process (see clirun): exit status, stdout, stderr."""
+    run = run_cli(*args)
+    return run.rc, run.out, run.err
 
 
 def test_cli_writes_a_vanilla_checkpoint(tmp_path, data_dir):
