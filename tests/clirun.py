@@ -78,7 +78,8 @@ def run_cli(*args: str, cwd: str | Path | None = None, env: Mapping[str, str] | 
 def run_script(path: str | Path, *args: str, cwd: str | Path | None = None,
                env: Mapping[str, str] | None = None) -> Run:
     """``python PATH ARGS…`` in this process (a benchmark script run as ``__main__``), captured and
-    isolated like :func:`run_cli`; ``sys.argv``, ``sys.path`` and the modules it imported are put back."""
+    isolated like :func:`run_cli`; ``sys.argv`` and ``sys.path`` are put back, and the modules it
+    imported from its own folder are forgotten (so a sibling with a common name cannot shadow another)."""
     import runpy
 
     env = dict(env) if env is not None else offline_env()
@@ -102,9 +103,11 @@ def run_script(path: str | Path, *args: str, cwd: str | Path | None = None,
             err = err_f.read().decode("utf-8", "replace")
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        here = str(Path(path).resolve().parent)
         for name in set(sys.modules) - saved_modules:  # the script's sibling modules (benchmarks/common.py)
-            if not name.startswith(("torch", "transformers", "slicekit", "lm_eval", "datasets", "peft")):
-                sys.modules.pop(name, None)
+            module_file = getattr(sys.modules.get(name), "__file__", None) or ""
+            if os.path.abspath(module_file).startswith(here + os.sep):
+                sys.modules.pop(name, None)  # libraries it imported stay: reimporting extensions is unsafe
     gc.collect()
     return Run(rc, out, err, time.monotonic() - t0)
 
