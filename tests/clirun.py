@@ -9,8 +9,9 @@ directory, environment, torch threads and RNG, warning filters, Hugging Face pro
 
 What only a new process shows is tested in one: import-time output, exit on signals, resource
 limits (``preexec_fn``), peak memory, and bit-identical results across interpreters.  Pass
-``fresh=True`` for those; each test file keeps some of its cases fresh so that the in-process
-runner cannot hide a difference between the two.
+``fresh=True`` for those.  The bad-input tests also keep one case per command fresh, and
+``test_bad_inputs.test_in_process_runs_print_what_a_new_interpreter_prints`` runs the same
+commands both ways and compares what they print, so the runner cannot quietly drift.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def run_script(path: str | Path, *args: str, cwd: str | Path | None = None,
         sys.argv, sys.path[:] = saved_argv, saved_path
         here = str(Path(path).resolve().parent)
         for name in set(sys.modules) - saved_modules:  # the script's sibling modules (benchmarks/common.py)
-            module_file = getattr(sys.modules.get(name), "__file__", None) or ""
-            if os.path.abspath(module_file).startswith(here + os.sep):
+            module_file = getattr(sys.modules.get(name), "__file__", None)
+            if module_file and os.path.abspath(module_file).startswith(here + os.sep):
                 sys.modules.pop(name, None)  # libraries it imported stay: reimporting extensions is unsafe
     gc.collect()
     return Run(rc, out, err, time.monotonic() - t0)
