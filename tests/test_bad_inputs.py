@@ -48,19 +48,10 @@ COMMON = ["--cal-nsamples", "4", "--cal-seqlen", "64", "--quiet"]
 # ----------------------------------------------------------------------------------------- running the CLI
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = offline_env()
-    data = os.environ.get("SLICEKIT_DATA_DIR")
-    if data:
-        env["SLICEKIT_DATA_DIR"] = data
-    env.update(extra)
-    return env
-
-
 def run_cli(*args: str, cwd: Path, timeout: float = 300, preexec_fn=None, env: dict | None = None,
             fresh: bool = False) -> Run:
     """In this process unless ``fresh`` (a new interpreter) or a ``preexec_fn`` needs one (see clirun)."""
-    return _run_cli(*args, cwd=cwd, env=env or cli_env(), fresh=fresh, timeout=timeout, preexec_fn=preexec_fn)
+    return _run_cli(*args, cwd=cwd, env=env, fresh=fresh, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def assert_one_line(run: Run, rc: int, prefix: str, *needles: str) -> str:
@@ -403,7 +394,7 @@ def test_case_count():
 
 def _bar_names(err: str) -> list[str]:
     """The progress bars' names in order (their rates and timings differ from run to run)."""
-    return [m for m in re.findall(r"(?:^|\r)([A-Za-z][^:\r\n]{2,60}):\s+\d+%", err, re.M)]
+    return re.findall(r"(?:^|\r)([A-Za-z][^:\r\n]{2,60}):\s+\d+%", err, re.M)
 
 
 def test_in_process_runs_print_what_a_new_interpreter_prints(world, data_dir, tmp_path):
@@ -566,7 +557,7 @@ def test_ctrl_c(module, attribute, world, previous_out, tmp_path):
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            env=cli_env(),
+            env=offline_env(),
             preexec_fn=_default_sigint,
         )
         try:
@@ -690,7 +681,7 @@ def test_output_modes_are_those_of_save_pretrained(shared_output, tmp_path):
         capture_output=True,
         stdin=subprocess.DEVNULL,
         preexec_fn=_with_umask,
-        env=cli_env(),
+        env=offline_env(),
     )
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(shared_output) == mode(plain) == 0o777 & ~UMASK
@@ -744,7 +735,7 @@ def test_plain_transformers_loads_without_prompt_or_warning(shared_output, tmp_p
         stdin=subprocess.DEVNULL,
         timeout=300,
         cwd=tmp_path,
-        env=cli_env(PYTHONPATH="", HF_MODULES_CACHE=str(tmp_path / "modules")),
+        env=offline_env(PYTHONPATH="", HF_MODULES_CACHE=str(tmp_path / "modules")),
     )
     both = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "LOADED" in proc.stdout, both[-3000:]

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from clirun import run_cli
+from clirun import offline_env, run_cli
 from slicekit.methods import available_methods, get_method
 from tiny import save_tiny_with_tokenizer
 
@@ -27,14 +26,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny")
     save_tiny_with_tokenizer(d)
     return d
-
-
-def _env(hash_seed: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SLICEKIT_DEBUG"}
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED=hash_seed
-    )
-    return env
 
 
 #: per-method options that keep a tiny run short (training budgets), the same in every run
@@ -47,9 +38,9 @@ def compress_cli(model: Path, method: str, out: Path, hash_seed: str | None, *ex
     args = ["compress", "--model", str(model), "--method", method, "--cal-nsamples", "4", "--cal-seqlen", "64",
             "--out", str(out), "--quiet", "--json", *FAST.get(method, ()), *extra]
     if hash_seed is None:
-        run = run_cli(*args, cwd=out.parent, env=_env(os.environ.get("PYTHONHASHSEED", "random")))
+        run = run_cli(*args, cwd=out.parent)
     else:
-        run = run_cli(*args, cwd=out.parent, env=_env(hash_seed), fresh=True)
+        run = run_cli(*args, cwd=out.parent, env=offline_env(PYTHONHASHSEED=hash_seed), fresh=True)
     assert run.rc == 0, run.err[-3000:]
     return json.loads(run.out)
 
