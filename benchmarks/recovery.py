@@ -50,6 +50,7 @@ from common import (
     perplexity,
     resume,
     rounded,
+    scrub,
     setup,
     write_result,
     zs_of,
@@ -60,7 +61,7 @@ from slicekit.models import load_model
 CACHE_KEYS = ("model", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size", "seed",
               "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size", "rec_dataset",
               "rec_tokens", "rec_seqlen", "rec_batch_size", "rec_mode", "rec_lr", "rec_precision", "rec_loss",
-              "rec_hidden_distill",
+              "rec_hidden_distill", "rec_sample_tokens",
               "disp_train_tokens")
 
 
@@ -70,7 +71,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"rows at each share, in order; any of {', '.join(VARIANTS)} (default %(default)s)")
     p.add_argument("--shares", default="0.25,0.5", help="shares of decoder parameters removed (default %(default)s)")
     g = p.add_argument_group("recovery (slicekit.recover.RecoverConfig)")
-    g.add_argument("--rec-dataset", default="brown", help="recovery text (default %(default)s: its train split)")
+    g.add_argument("--rec-dataset", default="brown",
+                   help="recovery text (default %(default)s: its train split); 'teacher' samples it from the dense "
+                        "model, and the sampling time counts in the row's recovery minutes")
+    g.add_argument("--rec-sample-tokens", type=int, default=None,
+                   help="with --rec-dataset teacher: tokens to sample (default: --rec-tokens, one epoch)")
     g.add_argument("--rec-tokens", type=int, default=65_536, help="token budget per row (default %(default)s)")
     g.add_argument("--rec-seqlen", type=int, default=512, help="default %(default)s")
     g.add_argument("--rec-batch-size", type=int, default=4, help="default %(default)s")
@@ -104,7 +109,8 @@ def rec_config(args: argparse.Namespace, method: str | None = None):
     hidden = 0.0 if method == "slicegpt" else args.rec_hidden_distill
     return RecoverConfig(dataset=args.rec_dataset, seqlen=args.rec_seqlen, batch_size=args.rec_batch_size,
                          tokens=args.rec_tokens, mode=args.rec_mode, lr=args.rec_lr, precision=args.rec_precision,
-                         loss=args.rec_loss, hidden_distill=hidden)
+                         loss=args.rec_loss, hidden_distill=hidden, sample_tokens=args.rec_sample_tokens,
+                         sample_length=args.rec_seqlen)
 
 
 def evaluate(name: str, method: str, share: float, model, tok, windows, brown, args, report=None) -> dict[str, Any]:
@@ -139,7 +145,8 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
                "loss_first_tenth": sum(c["loss"] for c in curve[:tenth]) / tenth,
                "loss_last_tenth": sum(c["loss"] for c in curve[-tenth:]) / tenth}
     log(f"[{label} @ {share:g}] after: ppl {after['ppl']:.2f}, brown {after['brown_ppl']:.2f} "
-        f"({rec.tokens} tokens in {rec.seconds / 60:.1f} min, {rec.tokens_per_s:.0f} tok/s)")
+        f"({rec.tokens} tokens in {rec.seconds / 60:.1f} min, {rec.tokens_per_s:.0f} tok/s"
+        + (f"; sampling the text took {rec.sample_seconds / 60:.1f} min" if rec.sample_seconds else "") + ")")
     del model
     gc.collect()
     return {"label": label, "method": method, "target": share, "before": before, "after": after,
@@ -147,6 +154,12 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
 
 
 # ---------------------------------------------------------------- tables
+
+
+def budget_seconds(rec: dict[str, Any]) -> float:
+    """A row's recovery time against the budget: the training loop, plus the sampling of the text
+    when it came from the teacher (a cost a corpus does not have, so it counts)."""
+    return rec["train_seconds"] + rec.get("sample_seconds", 0.0)
 
 
 def gap_closed(before: float, after: float, dense: float) -> float:
@@ -166,7 +179,8 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
     if dense is not None:
         d0 = dense["params"]["decoder"]
         cols = ["method", "target", "removed (real)", "total params", "WikiText-2 ppl before", "after", "gap closed",
-                "Brown ppl before", "after (in-domain)", "zero-shot mean before", "after",
+                "Brown ppl before", "after (in-domain)" if args.rec_dataset == "brown" else "after",
+                "zero-shot mean before", "after",
                 "above-chance retained before", "after", "recovery tokens", "recovery min", "tokens/s"]
         body = [["dense", 0, 0, dense["params"]["total"], rounded(dense["ppl"], 2), None, None,
                  rounded(dense["brown_ppl"], 2), None, rounded(zd.average(tasks), 4), None, None, None, None, None, None]]
@@ -182,7 +196,7 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
                              rounded(b["brown_ppl"], 2), rounded(a["brown_ppl"], 2),
                              rounded(zb.average(tasks), 4) if zb else None, rounded(za.average(tasks), 4) if za else None,
                              rounded(above_chance(zb, zd, tasks), 3), rounded(above_chance(za, zd, tasks), 3),
-                             rec["tokens"], rounded(rec["train_seconds"] / 60, 1), rounded(rec["tokens_per_s"], 1)])
+                             rec["tokens"], rounded(budget_seconds(rec) / 60, 1), rounded(rec["tokens_per_s"], 1)])
         tables.append({"title": f"SmolLM2-135M before and after recovery: WikiText-2 test ppl ({n_windows} × "
                                 f"{args.eval_seqlen} tokens), Brown test ppl, zero-shot (first {args.limit} items per task)",
                        "columns": cols, "rows": body})
@@ -205,8 +219,8 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         + (f" + {args.rec_hidden_distill} × relative MSE of every decoder layer's output, except for SliceGPT, whose "
            "stream is rotated" if args.rec_hidden_distill else "")
         + f"), AdamW lr {rc.lr}, "
-        f"{int(rc.warmup * 100)} % warm-up then cosine, {rc.tokens:,} tokens of {args.rec_dataset} "
-        f"(train split) per row in batches of {rc.batch_size} × {rc.seqlen}, precision {args.rec_precision} "
+        f"{int(rc.warmup * 100)} % warm-up then cosine, {rc.tokens:,} tokens of {data_words(args, rc)} "
+        f"per row in batches of {rc.batch_size} × {rc.seqlen}, precision {args.rec_precision} "
         "(bf16 autocast where the CPU multiplies bf16 natively), seed 42; the same for every row",
         f"calibration: {cal_desc}, batches of {args.cal_batch_size}; DISP trains its hypernetwork on "
         f"{args.disp_train_tokens:,} tokens of the same text (sequences of 128) at lr 1e-2",
@@ -216,13 +230,27 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
         + left_out_note(zd, tasks),
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "
-        "wall time (teacher forward included) on this shared machine",
+        "wall time (teacher forward included)"
+        + (", plus the time spent sampling the text from the teacher" if rc.teacher_text else "")
+        + " on this shared machine",
     ]
     who = "every method" if len(labels) > 2 else " and ".join(labels)
-    return {"title": f"Recovery after compression on SmolLM2-135M: {who} before and after distillation on Brown (#14)",
+    on = ("text sampled from the dense model" if rc.teacher_text
+          else "Brown" if args.rec_dataset == "brown" else scrub(args.rec_dataset))
+    return {"title": f"Recovery after compression on SmolLM2-135M: {who} before and after distillation on {on} (#14)",
             "command": command,
             "settings": {k: getattr(args, k) for k in (*CACHE_KEYS, "shares", "methods", "threads")},
             "tables": tables, "notes": notes, "plots": [], "raw": {"rows": rows}}
+
+
+def data_words(args: argparse.Namespace, rc) -> str:
+    """What the recovery text was, in the words of a note."""
+    if rc.teacher_text:
+        sampled = rc.sample_tokens or rc.tokens
+        return (f"text sampled from the dense model ({sampled:,} tokens in samples of {rc.sample_length} from BOS, "
+                f"temperature {rc.sample_temperature:g}, top-p {rc.sample_top_p:g}; "
+                f"{rc.tokens / sampled:.2g} epochs)")
+    return f"{args.rec_dataset} (train split)"
 
 
 def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
@@ -241,7 +269,7 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
                    f"{100 * closed:.1f} % of the gap closed ({'≥' if closed >= 0.5 else '<'} 50 %), above-chance "
                    f"zero-shot retained {kept if kept is None else round(kept, 3)} "
                    f"({'≥' if kept is not None and kept >= 0.75 else '<'} 0.75), in "
-                   f"{r['recovery']['train_seconds'] / 60:.1f} min of recovery")
+                   f"{budget_seconds(r['recovery']) / 60:.1f} min of recovery")
     return out
 
 

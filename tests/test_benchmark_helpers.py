@@ -263,6 +263,21 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
         assert r["before"]["ppl"] != r["after"]["ppl"] and rows[m][13] == 128
     assert raw["fasp@0.25"]["recovery"]["hidden_distill"] == 0.5
     assert raw["slicegpt@0.25"]["recovery"]["hidden_distill"] == 0.0
-    assert doc["title"].endswith("fasp and slicegpt before and after distillation on Brown (#14)")
+    assert doc["title"].endswith("fasp and slicegpt before and after distillation on train.txt (#14)")
+    assert doc["tables"][0]["columns"][8] == "after"  # Brown is in-domain only when recovery read Brown
     again = _run("recovery", *args)
     assert again.returncode == 0 and "resuming: 3 rows" in again.stderr, again.stderr[-2000:]
+
+    # text sampled from the dense model: the sampling time counts in the row's recovery minutes
+    sampled = tmp_path / "sampled.json"
+    args = [*args[: args.index("--methods")], "--methods", "fasp", "--rec-dataset", "teacher", "--rec-sample-tokens",
+            "96", *args[args.index("--rec-tokens"):-1], str(sampled)]
+    proc = _run("recovery", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _check_schema(sampled)
+    rec = doc["raw"]["rows"]["fasp@0.25"]["recovery"]
+    assert rec["sample_seconds"] > 0 and "sampled from the teacher" in rec["data"]
+    row = doc["tables"][0]["rows"][1]
+    assert row[14] == round((rec["train_seconds"] + rec["sample_seconds"]) / 60, 1)
+    assert doc["title"].endswith("fasp before and after distillation on text sampled from the dense model (#14)")
+    assert any("text sampled from the dense model (96 tokens in samples of 32 from BOS" in n for n in doc["notes"])

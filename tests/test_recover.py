@@ -20,6 +20,7 @@ from slicekit.recover import (
     _kl_topk,
     _lr_at,
     recover,
+    sample_teacher_text,
 )
 from tiny import VOCAB, logits, tiny_calibration, tiny_config, tiny_inputs, tiny_model
 
@@ -101,6 +102,10 @@ def _slicegpt(model):
     dict(lora_dropout=1.0), dict(loss="mse"), dict(kd_temperature=0), dict(kd_alpha=1.5), dict(kd_topk=0),
     dict(hidden_distill=-1), dict(teacher_cache="ram"), dict(hidden_distill=1.0, teacher_cache="disk"),
     dict(seed=-1), dict(checkpoint_every=-1), dict(dataset=""), dict(max_grad_norm=0.0), dict(precision="fp16"),
+    dict(sample_tokens=0), dict(sample_length=0), dict(sample_batch_size=0), dict(sample_temperature=0.0),
+    dict(sample_temperature=float("nan")), dict(sample_top_p=0.0), dict(sample_top_p=1.5),
+    dict(dataset="teacher", loss="ce"), dict(dataset="teacher", seqlen=64, tokens=100),
+    dict(dataset="teacher", seqlen=64, sample_tokens=127),
 ])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SlicekitError):
@@ -461,3 +466,83 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tok, text, tmp_path):
     assert os.listdir(tmp_path / "run") == ["step-00000003"]
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
     assert _shapes(model) == _shapes(tiny_model("llama"))
+
+
+# ---------------------------------------------------------------- text sampled from the teacher
+
+def _sampling_cfg(**kw) -> RecoverConfig:
+    base = dict(dataset="teacher", seqlen=32, tokens=32 * 2 * 6, batch_size=2, lr=3e-3, warmup=0.1, seed=3,
+                precision="fp32", sample_length=40, sample_batch_size=5, checkpoint_every=2)
+    return RecoverConfig(**{**base, **kw})
+
+
+def test_teacher_text_is_seeded_starts_each_sample_at_bos_and_leaves_the_rng_alone(tok):
+    teacher = tiny_model("llama")
+    cfg = _sampling_cfg(sample_tokens=400)
+    state = torch.random.get_rng_state()
+    ids = sample_teacher_text(teacher, tok, cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    samples = ids.reshape(-1, 41)  # ceil(400 / 41) = 10 samples of BOS + 40 tokens, in batches of 5 + 5
+    assert samples.shape[0] == 10 and (samples[:, 0] == tok.bos_token_id).all()
+    assert int(ids.max()) < VOCAB and len(set(samples[:, 1:].flatten().tolist())) > 20  # sampled, not greedy
+    assert torch.equal(sample_teacher_text(teacher, tok, cfg), ids)
+    assert not torch.equal(sample_teacher_text(teacher, tok, _sampling_cfg(sample_tokens=400, seed=4)), ids)
+    assert not samples[:, 1:].eq(tok.eos_token_id).any()  # end-of-text suppressed: every sample is full length
+    # a checkpoint's own sampling defaults (a repetition penalty, top-k …) do not bend the samples
+    opinionated = copy.deepcopy(teacher)
+    for key, value in dict(repetition_penalty=3.0, top_k=1, min_p=0.5, no_repeat_ngram_size=2, temperature=0.1).items():
+        setattr(opinionated.generation_config, key, value)
+    assert torch.equal(sample_teacher_text(opinionated, tok, cfg), ids)
+
+
+def test_recovery_on_teacher_text_distils_resumes_and_reads_the_text_back(tok, tmp_path):
+    teacher = tiny_model("llama")
+    start = _perturbed(teacher)
+    straight = copy.deepcopy(start)
+    ref = recover(straight, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "a"))
+    assert "sampled from the teacher" in ref.data and ref.sample_seconds > 0
+    assert ref.summary()["sample_seconds"] == round(ref.sample_seconds, 1)
+    assert ref.settings["sample_length"] == 40
+    kl = [c["kl"] for c in ref.loss_curve]
+    assert sum(kl[-2:]) / 2 < kl[0]
+    assert sorted(os.listdir(tmp_path / "a")) == ["step-00000006", "teacher-text.safetensors"]
+
+    part = copy.deepcopy(start)
+    got = recover(part, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "b"),
+                  callback=lambda info: info.step == 3)
+    assert got.interrupted and got.sample_seconds > 0
+    rest = copy.deepcopy(start)
+    again = recover(rest, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "b"))
+    assert again.resumed_from == 3 and again.sample_seconds == 0.0  # the text was read back, not sampled
+    assert again.loss_curve == ref.loss_curve
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), rest.state_dict().values(), strict=True))
+
+    # a damaged text file is sampled again (the same text: it depends on the seed alone)
+    (tmp_path / "b" / "teacher-text.safetensors").write_bytes(b"not safetensors")
+    third = copy.deepcopy(start)
+    with pytest.warns(UserWarning, match="unreadable"):
+        recover(third, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "b"))
+    assert all(torch.equal(a, b) for a, b in zip(third.state_dict().values(), rest.state_dict().values(), strict=True))
+
+
+def test_teacher_text_needs_a_teacher_and_named_data_records_no_sampling_settings(tok, text):
+    model = tiny_model("llama")
+    with pytest.raises(SlicekitError, match="teacher"):
+        recover(model, tok, _sampling_cfg(), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_model("llama").state_dict().values(),
+                                                  strict=True))
+    report = recover(model, tok, _cfg(text, tokens=32 * 4 * 2), progress=False)
+    assert not any(k.startswith("sample_") for k in report.settings)  # earlier versions' checkpoints still resume
+    assert "sample_seconds" not in report.summary()
+
+
+def test_cli_refuses_teacher_text_without_a_teacher_before_loading(tmp_path):
+    from clirun import run_cli
+
+    run = run_cli("recover", "--model", str(tmp_path / "not-loaded"), "--dataset", "teacher", "--sample-tokens", "4096")
+    assert run.rc == 2 and run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--teacher" in lines[0] and "not-loaded" not in lines[0]
+    bad = run_cli("recover", "--model", str(tmp_path / "not-loaded"), "--teacher", "x", "--dataset", "teacher",
+                  "--sample-top-p", "1.5")
+    assert bad.rc == 2 and "sample_top_p" in bad.stderr

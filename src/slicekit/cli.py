@@ -471,6 +471,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     config = RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SlicekitError(f"--out {args.out} exists and is not a directory")
+    if config.teacher_text and not args.teacher:
+        raise SlicekitError("--dataset teacher samples the recovery text from the teacher: give the dense model "
+                            "with --teacher")
     from slicekit.validate import preflight
 
     preflight(args)
@@ -659,7 +662,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("recover", help="recovery training of a compressed model (LoRA or full, distillation)")
+    p = sub.add_parser("recover", help="recovery training of a compressed model (LoRA or full, distillation)",
+                       epilog="--dataset is a named dataset (brown, c4, alpaca …) or a local text/JSONL file, "
+                              "read like calibration text; --dataset teacher samples the text from --teacher "
+                              "instead (--sample-tokens, --sample-length …), and the sampling time is reported")
     _common_model_args(p)
     p.add_argument("--teacher", default=None, help="the dense original, for distillation (default: next-token loss)")
     p.add_argument("--out", default=None, help="output directory (written atomically)")

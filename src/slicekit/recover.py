@@ -18,7 +18,8 @@ loader and the parameter counter see the same model as before:
 - The data stream is one tokenisation of the recovery text (resolved like calibration data, so an
   evaluation split is refused), cut into ``seqlen`` windows: every epoch a seeded offset and a
   seeded permutation of the windows, so a sample index alone determines a window and a resumed run
-  sees exactly the data an uninterrupted one would.
+  sees exactly the data an uninterrupted one would.  ``dataset="teacher"`` samples that text from
+  the teacher instead (:func:`sample_teacher_text`; kept in ``resume_dir`` for a resumed run).
 - With ``resume_dir``, every ``checkpoint_every`` optimizer steps (and at the end) the trainable
   weights, the optimizer state, the schedule position, the RNG states and the loss curve are
   written atomically (temporary directory, then rename) as safetensors + JSON; rerunning with the
@@ -73,6 +74,8 @@ MODES = ("lora", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOSSES = ("distill", "ce")
 TEACHER_CACHES = ("none", "memory", "disk")
+#: ``RecoverConfig.dataset`` value that samples the recovery text from the teacher itself
+TEACHER_TEXT = "teacher"
 SHORTCUT_NAMES = ("attn_shortcut", "mlp_shortcut")
 CHECKPOINT_FORMAT = 1
 # Settings that may change between an interrupted run and its resumption (they do not change the
@@ -86,7 +89,11 @@ class RecoverConfig:
 
     Data: ``dataset`` is a named dataset or a local text/JSONL path, read like calibration data
     (``split`` defaults to the dataset's calibration split; evaluation splits are refused);
-    ``seqlen`` tokens per window; ``tokens`` is the training budget (rounded up to whole optimizer
+    ``seqlen`` tokens per window; ``dataset="teacher"`` samples the text from the teacher instead
+    (data-free distillation, as LLM-QAT does: ``sample_tokens`` tokens, default ``tokens``, in
+    samples of ``sample_length`` tokens started from the BOS token, ``sample_batch_size`` at a time,
+    at temperature ``sample_temperature`` with nucleus ``sample_top_p``; the sampling time counts
+    in the report's ``sample_seconds``).  ``tokens`` is the training budget (rounded up to whole optimizer
     steps of ``batch_size × grad_accum × seqlen`` tokens).  At a short budget the number of optimizer
     steps limits what is recovered: on SmolLM2-135M with FASP at 25 %, 65,536 tokens closed 36 % of
     the WikiText-2 gap in steps of 4 × 512 tokens, 38 % in 2 × 512, 39 % in 1 × 512 and 41 % in
@@ -142,6 +149,11 @@ class RecoverConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 42
     checkpoint_every: int = 100
+    sample_tokens: int | None = None
+    sample_length: int = 256
+    sample_batch_size: int = 64
+    sample_temperature: float = 1.0
+    sample_top_p: float = 0.95
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -190,6 +202,26 @@ class RecoverConfig:
             raise SlicekitError(f"seed must be ≥ 0 (got {self.seed})")
         if self.checkpoint_every < 0:
             raise SlicekitError(f"checkpoint_every must be ≥ 0 (got {self.checkpoint_every})")
+        if self.sample_tokens is not None and self.sample_tokens < 1:
+            raise SlicekitError(f"sample_tokens must be ≥ 1 (got {self.sample_tokens})")
+        if self.sample_length < 1 or self.sample_batch_size < 1:
+            raise SlicekitError(f"sample_length and sample_batch_size must be ≥ 1 "
+                                f"(got {self.sample_length}, {self.sample_batch_size})")
+        if not (math.isfinite(self.sample_temperature) and self.sample_temperature > 0):
+            raise SlicekitError(f"sample_temperature must be > 0 (got {self.sample_temperature})")
+        if not 0.0 < self.sample_top_p <= 1.0:
+            raise SlicekitError(f"sample_top_p must be in (0, 1] (got {self.sample_top_p})")
+        if self.dataset == TEACHER_TEXT and (self.sample_tokens or self.tokens) < 2 * self.seqlen:
+            raise SlicekitError(f"too little recovery text: sampling {self.sample_tokens or self.tokens} tokens gives "
+                                f"less than two windows of {self.seqlen}: raise sample_tokens (or tokens)")
+        if self.dataset == TEACHER_TEXT and self.loss == "ce":
+            raise SlicekitError("dataset='teacher' samples the text from the teacher, and loss='ce' runs without one: "
+                                "use loss='distill' (or another dataset)")
+
+    @property
+    def teacher_text(self) -> bool:
+        """Whether the recovery text is sampled from the teacher (``dataset="teacher"``)."""
+        return self.dataset == TEACHER_TEXT
 
     @property
     def tokens_per_step(self) -> int:
@@ -218,7 +250,8 @@ class RecoverReport:
     ``loss_curve`` has one entry per optimizer step (over the whole run, resumed parts included):
     ``step``, ``loss`` and its parts ``kl``/``ce``/``hidden`` (mean over the step's micro-batches),
     ``lr``.  ``seconds`` and ``tokens_per_s`` cover the training steps of this invocation (not the
-    tokenisation, teacher caching or merge: those are in ``setup_seconds``, ``teacher_seconds``);
+    tokenisation, teacher caching, sampling or merge: those are in ``setup_seconds``,
+    ``teacher_seconds``, ``sample_seconds`` — a budget for ``dataset="teacher"`` counts both);
     ``measurement`` the whole call.  ``interrupted``: stopped early (callback or Ctrl-C) — the
     model then holds the partially trained weights and a rerun with the same ``resume_dir`` continues.
     """
@@ -242,6 +275,7 @@ class RecoverReport:
     resumed_from: int | None
     interrupted: bool
     precision: str = "fp32"
+    sample_seconds: float = 0.0
     measurement: Measurement = field(default_factory=Measurement)
 
     def as_dict(self) -> dict[str, Any]:
@@ -253,12 +287,15 @@ class RecoverReport:
         """The fields a model card records (no curve)."""
         first = self.loss_curve[0]["loss"] if self.loss_curve else None
         last = self.loss_curve[-1]["loss"] if self.loss_curve else None
-        return {"data": self.data, "mode": self.settings["mode"], "loss": self.loss, "teacher": self.teacher,
+        out = {"data": self.data, "mode": self.settings["mode"], "loss": self.loss, "teacher": self.teacher,
                 "tokens": self.tokens, "steps": self.steps, "seqlen": self.settings["seqlen"],
                 "lr": self.settings["lr"], "seed": self.settings["seed"], "first_loss": first,
                 "last_loss": last, "train_seconds": round(self.seconds, 1),
                 "tokens_per_s": round(self.tokens_per_s, 1), "precision": self.precision,
                 "interrupted": self.interrupted}
+        if self.settings.get("dataset") == TEACHER_TEXT:
+            out["sample_seconds"] = round(self.sample_seconds, 1)
+        return out
 
 
 # ---------------------------------------------------------------- data
@@ -317,8 +354,93 @@ def _refuse_evaluation_file(path: str) -> None:
                 raise SlicekitError(f"refusing to train on {path}: it is the {spec.name} {split!r} evaluation split")
 
 
+def _start_token(tokenizer: Any) -> int:
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    raise SlicekitError("dataset='teacher' starts every sample at the tokenizer's BOS (or EOS) token, and this "
+                        "tokenizer has neither: recover on a text dataset instead")
+
+
+def sample_teacher_text(teacher: nn.Module, tokenizer: Any, config: RecoverConfig,
+                        progress: bool = False) -> torch.Tensor:
+    """Sample ``config.sample_tokens`` (default ``config.tokens``) tokens of text from ``teacher``.
+
+    Why: distilling on the teacher's own samples matches the student to the teacher where the
+    teacher puts its probability mass, with no dataset at all (LLM-QAT's data-free distillation);
+    a fixed corpus such as Brown covers one register of English.  Every sample starts at the BOS
+    token (EOS where there is none) and runs ``sample_length`` new tokens (end-of-text is
+    suppressed, so no padding is needed); samples are joined BOS-separated into one stream, which
+    :class:`TokenStream` cuts into windows like any other text.  Batch ``b`` is drawn under seed
+    ``(seed, b)`` in a forked RNG, so the text depends on the seed and the sampling settings alone
+    (not on what ran before in the process) and the caller's RNG is untouched.
+    """
+    start = _start_token(tokenizer)
+    want = config.sample_tokens or config.tokens
+    per_sample = config.sample_length + 1
+    n_samples = max(1, math.ceil(want / per_sample))
+    device = next(teacher.parameters()).device
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else start
+    rows: list[torch.Tensor] = []
+    batches = math.ceil(n_samples / config.sample_batch_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for b in tqdm(range(batches), desc="sampling recovery text", disable=not progress, leave=False):
+            torch.manual_seed((config.seed * 1_000_003 + b) % (2**63))
+            count = min(config.sample_batch_size, n_samples - b * config.sample_batch_size)
+            prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
+            # Every processor a checkpoint's generation_config may switch on (Qwen's repetition
+            # penalty, top-k 20 …) is set to "off" here, so the samples follow the teacher's own
+            # distribution, changed only by this config's temperature and top-p.
+            out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                   temperature=config.sample_temperature, top_p=config.sample_top_p, top_k=0,
+                                   min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                                   repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+                                   max_new_tokens=config.sample_length, min_new_tokens=config.sample_length,
+                                   pad_token_id=pad, use_cache=True)
+            rows.append(out[:, : per_sample].cpu())
+    return torch.cat(rows).reshape(-1)
+
+
+def _teacher_text_stream(teacher: nn.Module, tokenizer: Any, config: RecoverConfig, resume_dir: str | None,
+                         progress: bool) -> tuple[TokenStream, float]:
+    """The sampled recovery text as a stream, and the seconds spent sampling it.  With
+    ``resume_dir`` the text is kept there (``teacher-text.safetensors``, written atomically) and a
+    resumed run reads it back instead of sampling again: the same tokens, without the cost."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps({k: getattr(config, k) for k in (*_SAMPLE_FIELDS, "tokens", "seed")}
+                                    | {"teacher": _teacher_fingerprint(teacher)}, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(resume_dir, "teacher-text.safetensors") if resume_dir else None
+    if path and os.path.exists(path):
+        try:
+            saved = load_file(path)
+        except Exception as exc:  # any unreadable file is sampled again
+            warnings.warn(f"{path} is unreadable ({exc}); sampling the recovery text again", stacklevel=3)
+            saved = {}
+        if "key" in saved and bytes(saved["key"].tolist()).decode() == key and "ids" in saved:
+            return TokenStream(saved["ids"], config.seqlen, config.seed, _sampled_description(config, saved["ids"])), 0.0
+    t0 = time.perf_counter()
+    ids = sample_teacher_text(teacher, tokenizer, config, progress)
+    seconds = time.perf_counter() - t0
+    if path:
+        os.makedirs(resume_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({"ids": ids.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
+        os.replace(tmp, path)
+    return TokenStream(ids, config.seqlen, config.seed, _sampled_description(config, ids)), seconds
+
+
+def _sampled_description(config: RecoverConfig, ids: torch.Tensor) -> str:
+    return (f"{ids.numel():,} tokens sampled from the teacher (samples of {config.sample_length} tokens from BOS, "
+            f"temperature {config.sample_temperature:g}, top-p {config.sample_top_p:g}, seed {config.seed})")
+
+
 def recovery_stream(tokenizer: Any, config: RecoverConfig) -> TokenStream:
     """Tokenise the recovery text once (see :class:`TokenStream`)."""
+    if config.teacher_text:
+        raise SlicekitError("dataset='teacher' is sampled from the teacher during recover(); there is no file to read")
     if config.dataset not in DATASETS:
         _refuse_evaluation_file(config.dataset)
     source = load_text(config.dataset, config.split, purpose="calibration")
@@ -808,8 +930,18 @@ def _resolve_loss(config: RecoverConfig, teacher: TeacherArg) -> str:
     return loss
 
 
+_SAMPLE_FIELDS = ("sample_tokens", "sample_length", "sample_batch_size", "sample_temperature", "sample_top_p")
+
+
 def _settings(config: RecoverConfig) -> dict[str, Any]:
-    return {"config_version": config.VERSION, **asdict(config)}
+    """The settings a checkpoint and a report record.  The sampling settings appear only when the
+    text is sampled, so a run on a named dataset keeps the identity earlier versions wrote (and
+    resumes their checkpoints)."""
+    out = {"config_version": config.VERSION, **asdict(config)}
+    if not config.teacher_text:
+        for k in _SAMPLE_FIELDS:
+            out.pop(k)
+    return out
 
 
 def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], resume_dir: str) -> None:
@@ -856,8 +988,16 @@ def _recover(student: nn.Module, tokenizer: Any, config: RecoverConfig, teacher:
         raise SlicekitError("hidden_distill cannot compare hidden states of a model with a rotated residual "
                             "stream (SliceGPT): set hidden_distill to 0")
     shapes_before = _param_shapes(student)
-    stream = recovery_stream(tokenizer, config)
     vocab = student.get_output_embeddings().weight.shape[0] if student.get_output_embeddings() is not None else None
+    sample_seconds = 0.0
+    if config.teacher_text:
+        if teacher is None:
+            raise SlicekitError("dataset='teacher' samples the recovery text from the teacher: pass the dense model as "
+                                "teacher (CLI: --teacher)")
+        teacher = _materialise(teacher, vocab)
+        stream, sample_seconds = _teacher_text_stream(teacher, tokenizer, config, resume_dir, progress)
+    else:
+        stream = recovery_stream(tokenizer, config)
     if vocab is not None and int(stream.ids.max()) >= vocab:
         raise SlicekitError(f"the tokenizer produces ids up to {int(stream.ids.max())} but the model has {vocab} tokens")
     total = config.total_steps
@@ -943,7 +1083,7 @@ def _recover(student: nn.Module, tokenizer: Any, config: RecoverConfig, teacher:
 
         warmup_steps = round(config.warmup * total)
         device = next(student.parameters()).device
-        setup_seconds = time.perf_counter() - t0 - teacher_seconds
+        setup_seconds = time.perf_counter() - t0 - teacher_seconds - sample_seconds
         t_train = time.perf_counter()
         tokens_run = 0
         interrupted = False
@@ -1014,7 +1154,8 @@ def _recover(student: nn.Module, tokenizer: Any, config: RecoverConfig, teacher:
         epochs=steps_done * per_step / stream.windows_per_epoch, trainable_params=sum(p.numel() for _, p in trainable.named),
         loss_curve=curve, seconds=train_seconds, tokens_per_s=tokens_run / max(train_seconds, 1e-9),
         setup_seconds=setup_seconds, teacher_seconds=teacher_seconds, gradient_checkpointing=gc_mode,
-        resumed_from=start if saved_state else None, interrupted=interrupted, precision=precision)
+        resumed_from=start if saved_state else None, interrupted=interrupted, precision=precision,
+        sample_seconds=sample_seconds)
 
 
 def _part_used(part: str, loss_kind: str, config: RecoverConfig) -> bool:
