@@ -36,6 +36,14 @@ def test_cli_eval_agrees_with_independent_computation(smollm2_pristine, data_dir
     run = run_cli("eval", "--model", "smollm2-135m", "--dataset", "wikitext2", "--seqlen", "256", "--max-windows", "6",
                   "--json", "--quiet")
     assert run.rc == 0, run.err[-2000:]
+    # --quiet silences transformers' GGUF de-quantisation bar too (drawn with plain tqdm), and
+    # puts its tqdm back afterwards; without --quiet the bar is there
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    assert "GGUF" not in run.err and gguf_utils.tqdm is tqdm
+    loud = run_cli("info", "--model", "smollm2-135m")
+    assert loud.rc == 0 and "Converting and de-quantizing GGUF tensors" in loud.err
     res = json.loads(run.out)
     assert res["windows"] == 6 and res["seqlen"] == 256 and res["tokens"] == 6 * 255
     # independent: the raw test file read here, tokenised here, scored one window at a time

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +118,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
     try:
         if require_adapter:  # fail on an unknown type before loading weights
             get_arch(AutoConfig.from_pretrained(src.path, **gguf))
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        with _gguf_bar_follows_hf(bool(gguf)):
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except OSError as err:
         if src.kind == "hub":
             raise SlicekitError(f"cannot load {spec!r} from the Hugging Face hub (offline, or no such model?): {str(err).splitlines()[0]}") from err
@@ -141,6 +145,30 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
     model.eval()
     model.config.use_cache = False
     return model, tok
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_hf(gguf: bool) -> Iterator[None]:
+    """transformers draws its "Converting and de-quantizing GGUF tensors" bar with plain tqdm,
+    which its own ``disable_progress_bar()`` does not reach, so ``--quiet`` still printed it on
+    every GGUF load.  While transformers' bars are off, that one bar is off too."""
+    from transformers.utils import logging as hf_logging
+
+    module = None
+    if gguf and not hf_logging.is_progress_bar_enabled():
+        try:
+            import transformers.modeling_gguf_pytorch_utils as module
+        except ImportError:  # another layout: its bar, if any, is left as it is
+            module = None
+    original = getattr(module, "tqdm", None) if module is not None else None
+    if original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
