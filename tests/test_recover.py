@@ -506,6 +506,13 @@ def test_recovery_on_teacher_text_distils_resumes_and_reads_the_text_back(tok, t
     kl = [c["kl"] for c in ref.loss_curve]
     assert sum(kl[-2:]) / 2 < kl[0]
     assert sorted(os.listdir(tmp_path / "a")) == ["step-00000006", "teacher-text.safetensors"]
+    # another run's directory is refused before sampling: its text is neither resampled nor replaced
+    text_file = tmp_path / "a" / "teacher-text.safetensors"
+    kept = text_file.read_bytes()
+    with pytest.raises(SlicekitError, match="sample_top_p"):
+        recover(copy.deepcopy(start), tok, _sampling_cfg(sample_top_p=0.9), teacher, progress=False,
+                resume_dir=str(tmp_path / "a"))
+    assert text_file.read_bytes() == kept
 
     part = copy.deepcopy(start)
     got = recover(part, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "b"),

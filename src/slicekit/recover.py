@@ -403,32 +403,32 @@ def sample_teacher_text(teacher: nn.Module, tokenizer: Any, config: RecoverConfi
     return torch.cat(rows).reshape(-1)
 
 
-def _teacher_text_stream(teacher: nn.Module, tokenizer: Any, config: RecoverConfig, resume_dir: str | None,
-                         progress: bool) -> tuple[TokenStream, float]:
+def _teacher_text_stream(teacher: nn.Module, teacher_fp: str, tokenizer: Any, config: RecoverConfig,
+                         resume_dir: str | None, progress: bool) -> tuple[TokenStream, float]:
     """The sampled recovery text as a stream, and the seconds spent sampling it.  With
-    ``resume_dir`` the text is kept there (``teacher-text.safetensors``, written atomically) and a
-    resumed run reads it back instead of sampling again: the same tokens, without the cost."""
-    from safetensors.torch import load_file, save_file
+    ``resume_dir`` the text is kept there (``teacher-text.safetensors``, written atomically, keyed
+    by the sampling settings and the teacher) and a resumed run reads it back instead of sampling
+    again: the same tokens, without the cost."""
+    from safetensors import safe_open
 
     key = hashlib.sha256(json.dumps({k: getattr(config, k) for k in (*_SAMPLE_FIELDS, "tokens", "seed")}
-                                    | {"teacher": _teacher_fingerprint(teacher)}, sort_keys=True).encode()).hexdigest()[:16]
+                                    | {"teacher": teacher_fp}, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(resume_dir, "teacher-text.safetensors") if resume_dir else None
     if path and os.path.exists(path):
         try:
-            saved = load_file(path)
+            with safe_open(path, framework="pt") as fh:
+                ids = fh.get_tensor("ids") if (fh.metadata() or {}).get("key") == key else None
         except Exception as exc:  # any unreadable file is sampled again
             warnings.warn(f"{path} is unreadable ({exc}); sampling the recovery text again", stacklevel=3)
-            saved = {}
-        if "key" in saved and bytes(saved["key"].tolist()).decode() == key and "ids" in saved:
-            return TokenStream(saved["ids"], config.seqlen, config.seed, _sampled_description(config, saved["ids"])), 0.0
+            ids = None
+        if ids is not None:
+            return TokenStream(ids, config.seqlen, config.seed, _sampled_description(config, ids)), 0.0
     t0 = time.perf_counter()
     ids = sample_teacher_text(teacher, tokenizer, config, progress)
     seconds = time.perf_counter() - t0
     if path:
         os.makedirs(resume_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({"ids": ids.contiguous(), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
-        os.replace(tmp, path)
+        _save_tensors_atomic(path, {"ids": ids.contiguous()}, metadata={"key": key})
     return TokenStream(ids, config.seqlen, config.seed, _sampled_description(config, ids)), seconds
 
 
@@ -748,11 +748,7 @@ class _TopKCache:
         if self.kind == "memory":
             self.memory[step] = (index, logp)
             return
-        from safetensors.torch import save_file
-
-        path = self._path(step)
-        save_file({"index": index.contiguous(), "logp": logp.contiguous()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        _save_tensors_atomic(self._path(step), {"index": index.contiguous(), "logp": logp.contiguous()})
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "memory":
@@ -769,6 +765,15 @@ class _TopKCache:
 
 
 # ---------------------------------------------------------------- checkpoints
+
+def _save_tensors_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written to a temporary sibling and renamed: a reader never sees half of it."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
 
 def _write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -944,9 +949,10 @@ def _settings(config: RecoverConfig) -> dict[str, Any]:
     return out
 
 
-def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], resume_dir: str) -> None:
+def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], resume_dir: str,
+                     keys: tuple[str, ...] = ("settings", "loss", "data", "student", "teacher")) -> None:
     diffs = []
-    for key in ("settings", "loss", "data", "student", "teacher"):
+    for key in keys:
         a, b = saved.get(key), expected.get(key)
         if key == "settings":
             a = {k: v for k, v in (a or {}).items() if k not in _RESUMABLE_CHANGES}
@@ -989,26 +995,8 @@ def _recover(student: nn.Module, tokenizer: Any, config: RecoverConfig, teacher:
                             "stream (SliceGPT): set hidden_distill to 0")
     shapes_before = _param_shapes(student)
     vocab = student.get_output_embeddings().weight.shape[0] if student.get_output_embeddings() is not None else None
-    sample_seconds = 0.0
-    if config.teacher_text:
-        if teacher is None:
-            raise SlicekitError("dataset='teacher' samples the recovery text from the teacher: pass the dense model as "
-                                "teacher (CLI: --teacher)")
-        teacher = _materialise(teacher, vocab)
-        stream, sample_seconds = _teacher_text_stream(teacher, tokenizer, config, resume_dir, progress)
-    else:
-        stream = recovery_stream(tokenizer, config)
-    if vocab is not None and int(stream.ids.max()) >= vocab:
-        raise SlicekitError(f"the tokenizer produces ids up to {int(stream.ids.max())} but the model has {vocab} tokens")
-    total = config.total_steps
-    per_step = config.batch_size * config.grad_accum
     settings = _settings(config)
-    precision = resolve_precision(config.precision, next(student.parameters()).device)
-    teacher_model: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
-    identity = {"settings": settings, "loss": loss_kind,
-                "data": {"description": stream.description, "tokens": int(stream.ids.numel()), "hash": stream.fingerprint()},
-                "student": _fingerprint(student),
-                "teacher": None if teacher is None else ("callable" if teacher_model is None else _teacher_fingerprint(teacher_model))}
+    student_fp = _fingerprint(student)
 
     saved_state: dict[str, Any] | None = None
     saved_path = None
@@ -1020,7 +1008,34 @@ def _recover(student: nn.Module, tokenizer: Any, config: RecoverConfig, teacher:
                 saved_state = json.load(fh)
             if saved_state.get("format") != CHECKPOINT_FORMAT:
                 raise SlicekitError(f"{saved_path} was written by another slicekit version (format {saved_state.get('format')})")
-            _check_resumable(saved_state, identity, resume_dir)
+
+    sample_seconds = 0.0
+    teacher_fp: str | None = None
+    if config.teacher_text:
+        if teacher is None:
+            raise SlicekitError("dataset='teacher' samples the recovery text from the teacher: pass the dense model as "
+                                "teacher (CLI: --teacher)")
+        if saved_state is not None:  # another run's directory is refused before minutes of sampling, not after
+            _check_resumable(saved_state, {"settings": settings, "loss": loss_kind, "student": student_fp},
+                             resume_dir, keys=("settings", "loss", "student"))
+        teacher = _materialise(teacher, vocab)
+        teacher_fp = _teacher_fingerprint(teacher)
+        stream, sample_seconds = _teacher_text_stream(teacher, teacher_fp, tokenizer, config, resume_dir, progress)
+    else:
+        stream = recovery_stream(tokenizer, config)
+    if vocab is not None and int(stream.ids.max()) >= vocab:
+        raise SlicekitError(f"the tokenizer produces ids up to {int(stream.ids.max())} but the model has {vocab} tokens")
+    total = config.total_steps
+    per_step = config.batch_size * config.grad_accum
+    precision = resolve_precision(config.precision, next(student.parameters()).device)
+    teacher_model: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
+    identity = {"settings": settings, "loss": loss_kind,
+                "data": {"description": stream.description, "tokens": int(stream.ids.numel()), "hash": stream.fingerprint()},
+                "student": student_fp,
+                "teacher": None if teacher is None else ("callable" if teacher_model is None
+                                                         else teacher_fp or _teacher_fingerprint(teacher_model))}
+    if saved_state is not None:
+        _check_resumable(saved_state, identity, resume_dir)
     start = saved_state["step"] if saved_state else 0
 
     was_training = student.training
