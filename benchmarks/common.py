@@ -301,6 +301,21 @@ def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[s
     return zs.above_chance_retention(dense, scored) if scored else None
 
 
+def above_chance_interval(zs: ZeroShotResult | None, dense: ZeroShotResult,
+                          tasks: list[str]) -> tuple[float, float] | None:
+    """The 95 % paired-bootstrap interval of :func:`above_chance` (None without zero-shot or
+    without per-item outcomes, as in rows written before they were kept)."""
+    if zs is None:
+        return None
+    scored = scored_tasks(dense, tasks)
+    return zs.above_chance_interval(dense, scored) if scored else None
+
+
+def interval_text(interval: tuple[float, float] | None) -> str | None:
+    """An interval as a table cell: "0.58–0.77"."""
+    return None if interval is None else f"{interval[0]:.2f}–{interval[1]:.2f}"
+
+
 def left_out_note(dense: ZeroShotResult | None, tasks: list[str]) -> str:
     """The suffix of a result note that names the tasks 'above-chance retained' leaves out (those
     where the dense model does not beat chance by two standard errors); empty when none is."""

@@ -39,11 +39,13 @@ from common import (
     TASKS,
     VARIANTS,
     above_chance,
+    above_chance_interval,
     benchmark_parser,
     calibration_request,
     calibration_set,
     evaluate_row,
     evaluation_windows,
+    interval_text,
     left_out_note,
     log,
     method_config,
@@ -181,9 +183,11 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         cols = ["method", "target", "removed (real)", "total params", "WikiText-2 ppl before", "after", "gap closed",
                 "Brown ppl before", "after (in-domain)" if args.rec_dataset == "brown" else "after",
                 "zero-shot mean before", "after",
-                "above-chance retained before", "after", "recovery tokens", "recovery min", "tokens/s"]
+                "above-chance retained before", "after", "after, 95 % interval", "recovery tokens", "recovery min",
+                "tokens/s"]
         body = [["dense", 0, 0, dense["params"]["total"], rounded(dense["ppl"], 2), None, None,
-                 rounded(dense["brown_ppl"], 2), None, rounded(zd.average(tasks), 4), None, None, None, None, None, None]]
+                 rounded(dense["brown_ppl"], 2), None, rounded(zd.average(tasks), 4), None, None, None, None, None,
+                 None, None]]
         for s in shares:
             for label in labels:
                 r = rows.get(f"{label}@{s:g}")
@@ -196,7 +200,7 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
                              rounded(b["brown_ppl"], 2), rounded(a["brown_ppl"], 2),
                              rounded(zb.average(tasks), 4) if zb else None, rounded(za.average(tasks), 4) if za else None,
                              rounded(above_chance(zb, zd, tasks), 3), rounded(above_chance(za, zd, tasks), 3),
-                             rec["tokens"], rounded(budget_seconds(rec) / 60, 1), rounded(rec["tokens_per_s"], 1)])
+                             interval_text(above_chance_interval(za, zd, tasks)), rec["tokens"], rounded(budget_seconds(rec) / 60, 1), rounded(rec["tokens_per_s"], 1)])
         tables.append({"title": f"SmolLM2-135M before and after recovery: WikiText-2 test ppl ({n_windows} × "
                                 f"{args.eval_seqlen} tokens), Brown test ppl, zero-shot (first {args.limit} items per task)",
                        "columns": cols, "rows": body})
@@ -228,7 +232,9 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         "token-level, the same windows for every row",
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task; "
         "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
-        + left_out_note(zd, tasks),
+        + left_out_note(zd, tasks) + "; its 95 % interval is a paired bootstrap over the items (2,000 draws: "
+        "both models scored on the same resampled items, tasks resampled independently; "
+        "ZeroShotResult.above_chance_interval), empty for rows saved before per-item outcomes were kept",
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "
         "wall time (teacher forward included)"
         + (", plus the time spent sampling the text from the teacher" if rc.teacher_text else "")
@@ -264,12 +270,17 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
         r = got[best]
         closed = gap_closed(r["before"]["ppl"], r["after"]["ppl"], dense["ppl"])
         kept = above_chance(zs_of(r["after"]), zd, tasks)
+        interval = above_chance_interval(zs_of(r["after"]), zd, tasks)
         out.append(f"at {100 * s:g} % removed the best row after recovery is {best}: WikiText-2 ppl "
                    f"{r['before']['ppl']:.2f} → {r['after']['ppl']:.2f} (dense {dense['ppl']:.2f}), "
                    f"{100 * closed:.1f} % of the gap closed ({'≥' if closed >= 0.5 else '<'} 50 %), above-chance "
                    f"zero-shot retained {kept if kept is None else round(kept, 3)} "
-                   f"({'≥' if kept is not None and kept >= 0.75 else '<'} 0.75), in "
-                   f"{budget_seconds(r['recovery']) / 60:.1f} min of recovery")
+                   f"({'≥' if kept is not None and kept >= 0.75 else '<'} 0.75"
+                   + (f"; 95 % paired-bootstrap interval {interval[0]:.2f} to {interval[1]:.2f}, "
+                      + ("which lies wholly above 0.75" if interval[0] >= 0.75 else
+                         "which lies wholly below 0.75" if interval[1] < 0.75 else "which contains 0.75")
+                      if interval else "")
+                   + f"), in {budget_seconds(r['recovery']) / 60:.1f} min of recovery")
     return out
 
 

@@ -41,6 +41,34 @@ def test_eval_json(tiny_dir, data_dir):
     assert res["windows"] == 3 and res["seqlen"] == 64 and res["tokens"] == 3 * 63 and res["ppl"] > 1
 
 
+def test_eval_tasks_dense_json_retention_and_interval(tiny_dir, data_dir, tmp_path):
+    """``eval --tasks --save-json`` keeps per-item outcomes; ``--dense-json`` against it gives the
+    retentions and the paired-bootstrap interval; a damaged dense file is one clear line."""
+    dense_json = tmp_path / "dense.json"
+    rc, out, err = run_cli("eval", "--model", str(tiny_dir), "--tasks", "winogrande,arc_easy", "--limit", "6",
+                           "--save-json", str(dense_json), "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    saved = json.loads(dense_json.read_text())
+    assert saved["scores"] == res["scores"]
+    for name, s in saved["scores"].items():
+        assert len(s["outcomes"]) == 6 and s["outcomes"].count("1") / 6 == pytest.approx(s[s["metric"]]), name
+    # a dense reference that is right on every WinoGrande item: a measurable margin, so an interval
+    saved["scores"]["winogrande"].update(outcomes="111111", acc=1.0, acc_stderr=0.0)
+    dense_json.write_text(json.dumps(saved))
+    rc, out, err = run_cli("eval", "--model", str(tiny_dir), "--tasks", "winogrande,arc_easy", "--limit", "6",
+                           "--dense-json", str(dense_json), "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert "winogrande" in res["above_chance_tasks"]
+    lo, hi = res["above_chance_retention_interval95"]
+    assert lo <= res["above_chance_retention"] <= hi
+    dense_json.write_text("{not json")
+    rc, out, err = run_cli("eval", "--model", str(tiny_dir), "--tasks", "winogrande", "--limit", "6",
+                           "--dense-json", str(dense_json), "--quiet")
+    assert rc != 0 and "cannot read --dense-json" in err and len(err.strip().splitlines()) == 1
+
+
 def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
     out_dir = tmp_path / "c"
     rc, out, err = run_cli("compress", "--model", str(tiny_dir), "--method", "slicegpt", "--slicing", "0.25",

@@ -133,6 +133,8 @@ def test_demo_pipeline_end_to_end(smollm2_pristine, data_dir, tmp_path):
     assert all(g.startswith("The capital of France is") for g in res["generation"].values())
     assert set(res["zeroshot"]) == {"original", "compressed", "recovered"}
     assert all(z["limit"] == 2 and set(z["scores"]) == {"piqa", "arc_easy"} for z in res["zeroshot"].values())
+    assert all(len(s["outcomes"]) == 2 for z in res["zeroshot"].values() for s in z["scores"].values())
+    assert res["zeroshot_above_chance_interval95"].keys() == res["zeroshot_above_chance_retained"].keys()
     assert res["recovery"]["tokens"] == 1024 and res["reload_max_rel_error"] < 1e-5  # four steps of 1 × 256
     assert res["reloaded_generates_the_same"] and res["reloaded_generation"] == res["generation"]["recovered"]
     assert res["ppl_original"] < res["ppl_compressed"] and math.isfinite(res["ppl_recovered"])

@@ -209,6 +209,11 @@ def test_tiny_model_results_well_formed_and_deterministic(tiny_lm, data_dir, cap
         samples = first.samples[name]
         assert len(samples) == 4
         assert s.acc == pytest.approx(sum(x["acc"] for x in samples) / 4)
+        # per-item outcomes of the primary metric, in document order, kept for paired comparisons
+        by_doc = sorted(samples, key=lambda x: x["doc_id"])
+        assert s.outcomes == "".join(str(int(x[s.metric])) for x in by_doc)
+        assert s.outcome_array().mean() == pytest.approx(s.score)
+        assert second.scores.get(name) is None or second.scores[name].outcomes == s.outcomes
         if name != "lambada_openai":  # … and per item, acc = (argmax of the choice log-likelihoods == gold)
             for x in samples:
                 lls = [r[0] for r in x["filtered_resps"]]
@@ -353,6 +358,65 @@ def test_default_above_chance_retention_leaves_out_tasks_the_dense_model_does_no
         small.above_chance_retention(flat)
     table = small.format_table(dense)
     assert "above-chance retention 0.5000 (left out, dense within 2 standard errors of chance: winogrande)" in table
+
+
+def _paired(dense_items: str, mine_items: str, chance: float = 0.5) -> tuple[ZeroShotResult, ZeroShotResult]:
+    def res(items: str) -> ZeroShotResult:
+        p = items.count("1") / len(items)
+        score = TaskScore(task="piqa", acc=p, acc_stderr=None, acc_norm=p, acc_norm_stderr=None, items=len(items),
+                          chance=chance, metric="acc_norm", source="local", exact=True, outcomes=items)
+        return ZeroShotResult({"piqa": score}, "0.4.13", 0, len(items), 1234, 1, 1.0)
+    return res(dense_items), res(mine_items)
+
+
+def test_above_chance_interval_is_a_paired_bootstrap():
+    """The interval resamples items, scoring both models on the same draw: identical answers give
+    exactly 1 with no width, however noisy the task; answers that differ on a few items give a
+    narrow interval around the point estimate; independent answers give a wide one."""
+    rng = random.Random(0)
+    dense_items = "".join("1" if rng.random() < 0.7 else "0" for _ in range(400))
+    dense, same = _paired(dense_items, dense_items)
+    assert same.above_chance_interval(dense) == (1.0, 1.0)
+    # flip 20 of the dense model's right answers to wrong: every draw keeps less than all
+    ones = [i for i, c in enumerate(dense_items) if c == "1"][:20]
+    fewer = "".join("0" if i in ones else c for i, c in enumerate(dense_items))
+    dense, small = _paired(dense_items, fewer)
+    point = small.above_chance_retention(dense)
+    lo, hi = small.above_chance_interval(dense)
+    assert lo < point < hi < 1.0 and hi - lo < 0.3
+    # the same accuracy from unrelated answers: the interval is much wider than the paired one
+    shuffled = list(fewer)
+    rng.shuffle(shuffled)
+    _, unrelated = _paired(dense_items, "".join(shuffled))
+    assert unrelated.above_chance_retention(dense) == pytest.approx(point)
+    ulo, uhi = unrelated.above_chance_interval(dense)
+    assert uhi - ulo > 2 * (hi - lo)
+    assert small.above_chance_interval(dense, seed=0) == (lo, hi)  # seeded
+    assert small.above_chance_interval(dense, level=0.5)[1] < hi
+    # JSON round trip keeps the outcomes; results without them (older files) give no interval
+    back = ZeroShotResult.from_dict(json.loads(json.dumps(small.as_dict())))
+    assert back.above_chance_interval(dense) == (lo, hi)
+    back.scores["piqa"].outcomes = None
+    assert back.above_chance_interval(dense) is None
+    assert "95 % paired-bootstrap interval" in small.format_table(dense)
+    back.scores["piqa"].outcomes = fewer[:100]  # a damaged file: 100 outcomes for 400 items
+    with pytest.raises(SlicekitError, match="cannot be paired"):
+        back.above_chance_interval(dense)
+    with pytest.raises(SlicekitError, match="between 0 and 1"):
+        small.above_chance_interval(dense, level=95)
+
+
+def test_above_chance_interval_counts_a_vanished_dense_margin_as_unbounded():
+    """Few items and a dense model barely above chance: some draws leave it no margin.  Those
+    draws are not dropped (which would bias the interval toward the point estimate): they count
+    as unbounded, so the bound they reach says so."""
+    dense, small = _paired("1111101100", "1111100100")  # 0.7 and 0.6 on 10 two-way items
+    assert dense.margin_tasks() == []  # too few items for a measurable margin: no default interval
+    assert small.above_chance_interval(dense) is None
+    lo, hi = small.above_chance_interval(dense, ["piqa"])
+    assert small.above_chance_retention(dense, ["piqa"]) == pytest.approx(0.5)
+    # small is right only where dense is, so a draw without a dense margin has none either: −inf
+    assert lo == -math.inf and hi == 1.0
 
 
 # ----------------------------------------------------------------------------- bad input

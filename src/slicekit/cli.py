@@ -246,6 +246,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         kept = res.above_chance_tasks(dense)
         out["above_chance_tasks"] = kept
         out["above_chance_retention"] = res.above_chance_retention(dense, kept) if kept else None
+        interval = res.above_chance_interval(dense, kept) if kept else None
+        out["above_chance_retention_interval95"] = list(interval) if interval else None
     if args.save_json:
         _write_json_atomic(args.save_json, out)
     _out(out, args.json, res.format_table(dense=dense))
@@ -615,7 +617,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                         "arc_challenge, winogrande, hellaswag, lambada, boolq")
     p.add_argument("--limit", type=int, default=None, help="--tasks: items per task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=0, help="--tasks: shots (default 0, as the papers)")
-    p.add_argument("--dense-json", default=None, help="--tasks: the dense model's result (--save-json) for retention")
+    p.add_argument("--dense-json", default=None, help="--tasks: the dense model's result (--save-json) for retention, above-chance retention and its 95 %% paired-bootstrap interval (same --limit)")
     p.add_argument("--save-json", default=None, help="--tasks: write the result here (atomically)")
     p.set_defaults(func=cmd_eval)
 

@@ -118,6 +118,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "zeroshot": {k: v.as_dict() for k, v in zs.items()},
         "zeroshot_above_chance_retained": {k: v.above_chance_retention(zs["original"], scored)
                                            for k, v in zs.items() if k != "original" and scored},
+        # paired bootstrap over the items: how far a smoke check's retention can be trusted
+        "zeroshot_above_chance_interval95": {k: v.above_chance_interval(zs["original"], scored)
+                                             for k, v in zs.items() if k != "original" and scored},
         "total_seconds": time.perf_counter() - t_start,
     }
     if args.json:
@@ -160,6 +163,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"(zero-shot on {args.zeroshot_limit} items per task is a smoke check: one item moves a task by "
               f"{100 / args.zeroshot_limit:.0f} points, so a compressed model can score above the original; "
               "benchmarks/RESULTS.md has the larger runs)")
+    intervals = {k: v for k, v in result["zeroshot_above_chance_interval95"].items() if v is not None}
+    if intervals:
+        print("(above-chance kept, 95 % paired-bootstrap interval over the items: "
+              + "; ".join(f"{k} {lo:.2f} to {hi:.2f}" for k, (lo, hi) in intervals.items()) + ")")
     left = [t for t in tasks if t not in scored]
     if zs and left:
         print(f"(above-chance kept is over {', '.join(scored) or 'no task'}; left out, the original within two "

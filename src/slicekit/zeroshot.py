@@ -520,6 +520,10 @@ class TaskScore:
     exact: bool  # documents equal lm-eval's hub documents
     version: Any = None  # lm-eval's task version
     extra: dict[str, float] = field(default_factory=dict)  # other metrics (lambada perplexity …)
+    #: the primary metric's per-item outcome in document order, "1" right and "0" wrong (None in
+    #: results written before it was kept).  Two results on the same items can then be compared
+    #: item by item: a paired comparison is far tighter than two independent standard errors.
+    outcomes: str | None = None
 
     @property
     def score(self) -> float:
@@ -544,6 +548,12 @@ class TaskScore:
         if se <= 0:
             return math.inf if margin > 0 else (-math.inf if margin < 0 else 0.0)
         return margin / se
+
+    def outcome_array(self) -> np.ndarray | None:
+        """:attr:`outcomes` as a 0/1 array (None when they were not kept)."""
+        if self.outcomes is None:
+            return None
+        return np.frombuffer(self.outcomes.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
 @dataclass
@@ -627,6 +637,52 @@ class ZeroShotResult:
             ratios.append((mine.score - mine.chance) / margin)
         return sum(ratios) / len(ratios)
 
+    def above_chance_interval(self, dense: ZeroShotResult, tasks: list[str] | None = None, level: float = 0.95,
+                              iters: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+        """A ``level`` paired-bootstrap percentile interval for :meth:`above_chance_retention`.
+
+        Why: the measure divides by the dense model's margin over chance, which on a small model
+        is a few standard errors wide, so a single number (0.67 on 200 items) cannot say whether
+        0.75 is within reach.  Both models answered the *same* items, and most items are right or
+        wrong for both, so the draws resample item indices once per task and score both models on
+        them (a paired bootstrap): independent standard errors would double-count the shared items'
+        luck.  Tasks are resampled independently of each other; ``chance`` is held at its mean.
+
+        A draw in which the dense model's margin vanishes makes that task's ratio unbounded: it
+        counts as ±infinity (the sign of this model's margin), and a bound that lands there is
+        reported as such rather than dropped (a draw with opposite infinities is left out).  Returns None when either result lacks per-item
+        outcomes (results saved before they were kept)."""
+        if not 0 < level < 1:
+            raise SlicekitError(f"interval level must be between 0 and 1 (got {level})")
+        if tasks is None:
+            tasks = self.above_chance_tasks(dense)
+            if not tasks:
+                return None
+        names = self._tasks(tasks, dense)
+        rng = np.random.default_rng(seed)
+        total = np.zeros(iters)
+        for n in names:
+            mine, ref = self.scores[n].outcome_array(), dense.scores[n].outcome_array()
+            if mine is None or ref is None:
+                return None
+            if mine.shape != ref.shape or mine.size == 0:
+                raise SlicekitError(f"{n}: per-item outcomes of {mine.size} and {ref.size} items cannot be paired")
+            chance, chunk = self.scores[n].chance, max(1, 2_000_000 // mine.size)
+            for start in range(0, iters, chunk):  # bounded memory for full-size tasks
+                idx = rng.integers(0, mine.size, size=(min(chunk, iters - start), mine.size))
+                m = mine[idx].mean(axis=1) - chance
+                d = ref[idx].mean(axis=1) - chance
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(d > 0, m / np.where(d > 0, d, 1.0), np.sign(m) * np.inf)
+                ratio[np.isnan(ratio)] = 0.0  # both margins zero: nothing kept of nothing
+                total[start:start + idx.shape[0]] += ratio
+        total /= len(names)
+        tail = (1 - level) / 2
+        # no interpolation across ±inf; a draw with +inf on one task and −inf on another says
+        # nothing and is left out
+        lo, hi = np.nanquantile(total, [tail, 1 - tail], method="inverted_cdf")
+        return float(lo), float(hi)
+
     def as_dict(self) -> dict:
         """JSON-able (per-item samples are left out)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("scores", "samples")}
@@ -671,8 +727,10 @@ class ZeroShotResult:
         if dense is not None and dense.average(list(self.scores)) > 0:
             kept = self.above_chance_tasks(dense)
             left = [n for n in self.scores if n not in kept]
+            interval = self.above_chance_interval(dense, kept) if kept else None
             lines.append(f"retention {self.retention(dense):.4f}, above-chance retention "
                          + (f"{self.above_chance_retention(dense, kept):.4f}" if kept else "undefined")
+                         + (f" (95 % paired-bootstrap interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else "")
                          + (f" (left out, dense within {MARGIN_Z:g} standard errors of chance: {', '.join(left)})"
                             if kept and left else ""))
         lines.append(f"lm-eval {self.lm_eval_version}, {self.num_fewshot}-shot, limit {self.limit}, seed {self.seed}, "
@@ -769,7 +827,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], limit: i
         try:
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=[task_objs[n] for n in names], num_fewshot=num_fewshot, limit=limit,
-                batch_size=batch_size, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=keep_samples, task_manager=manager,
+                # per-item records always: the outcomes that paired comparisons need come from them
+                batch_size=batch_size, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True, task_manager=manager,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
         except AssertionError as err:  # lm-eval asserts that every continuation fits the context window
@@ -796,7 +855,22 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], limit: i
             acc_norm_stderr=_number(res, "acc_norm_stderr"), items=n_items, chance=_chance(task_objs[n], n_items),
             metric=primary_metric(n), source=sources[n][0], exact=sources[n][0] == "hub" or TASKS[n].exact,
             version=out.get("versions", {}).get(n), extra=extra,
+            outcomes=_outcomes(samples.get(n, []), primary_metric(n), n_items),
         )
     return ZeroShotResult(scores=scores, lm_eval_version=_lm_eval_version(), num_fewshot=num_fewshot, limit=limit,
                           seed=seed, batch_size=batch_size, seconds=seconds,
-                          samples={n: samples[n] for n in names if n in samples})
+                          samples={n: samples[n] for n in names if n in samples} if keep_samples else {})
+
+
+def _outcomes(records: list[dict], metric: str, n_items: int) -> str | None:
+    """The per-item 0/1 outcomes of ``metric`` from lm-eval's sample records, in document order;
+    None when a record lacks it or it is not a 0/1 score."""
+    if len(records) != n_items or not records:
+        return None
+    chars = []
+    for rec in sorted(records, key=lambda r: r["doc_id"]):
+        value = rec.get(metric)
+        if value not in (0, 1):  # True/False and 0.0/1.0 compare equal too
+            return None
+        chars.append("1" if value else "0")
+    return "".join(chars)
