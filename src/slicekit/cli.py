@@ -617,7 +617,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                         "arc_challenge, winogrande, hellaswag, lambada, boolq")
     p.add_argument("--limit", type=int, default=None, help="--tasks: items per task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=0, help="--tasks: shots (default 0, as the papers)")
-    p.add_argument("--dense-json", default=None, help="--tasks: the dense model's result (--save-json) for retention, above-chance retention and its 95 %% paired-bootstrap interval (same --limit)")
+    p.add_argument("--dense-json", default=None,
+                   help="--tasks: the dense model's result (--save-json) for retention, above-chance retention "
+                        "and its 95 %% paired-bootstrap interval (same --limit)")
     p.add_argument("--save-json", default=None, help="--tasks: write the result here (atomically)")
     p.set_defaults(func=cmd_eval)
 

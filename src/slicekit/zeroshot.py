@@ -650,8 +650,9 @@ class ZeroShotResult:
 
         A draw in which the dense model's margin vanishes makes that task's ratio unbounded: it
         counts as ±infinity (the sign of this model's margin), and a bound that lands there is
-        reported as such rather than dropped (a draw with opposite infinities is left out).  Returns None when either result lacks per-item
-        outcomes (results saved before they were kept)."""
+        reported as such rather than dropped (a draw with opposite infinities is left out).
+        Returns None when either result lacks per-item outcomes (results saved before they were
+        kept)."""
         if not 0 < level < 1:
             raise SlicekitError(f"interval level must be between 0 and 1 (got {level})")
         if tasks is None:
