@@ -165,6 +165,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "prunenet": ("prunenet", {}),
     "prunenet random": ("prunenet", {"selection": "random"}),
     "dotresize": ("dotresize", {}),
+    "dotresize modegpt": ("dotresize", {"schedule": "modegpt"}),
+    "fasp modegpt": ("fasp", {"schedule": "modegpt"}),
     "disp": ("disp", {"lr": 1e-2}),
 }
 

@@ -93,6 +93,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks (default %(default)s)")
     p.add_argument("--limit", type=int, default=30, help="zero-shot items per task (default %(default)s)")
     p.add_argument("--zs-batch-size", type=int, default=8, help="lm-eval batch size (default %(default)s)")
+    p.add_argument("--dense-from", default=None,
+                   help="take the dense row from this result file of recovery.py when its evaluation settings "
+                        "(model, WikiText-2/Brown windows, tasks, --limit) are this run's: the dense model does "
+                        "not depend on the recovery settings, and at 500 items a task it costs 14 min")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out")
     p.add_argument("--redo", default="", help="comma-separated row labels to recompute even if cached")
     args = p.parse_args(argv)
@@ -240,6 +244,9 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         + (", plus the time spent sampling the text from the teacher" if rc.teacher_text else "")
         + " on this shared machine",
     ]
+    if dense is not None and dense.get("taken_from"):
+        notes.append(f"the dense row was evaluated for {dense['taken_from']} with this file's evaluation settings "
+                     "and taken from there (--dense-from): the dense model does not depend on recovery settings")
     who = "every method" if len(labels) > 2 else " and ".join(labels)
     on = ("text sampled from the dense model" if rc.teacher_text
           else "Brown" if args.rec_dataset == "brown" else scrub(args.rec_dataset))
@@ -286,6 +293,29 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
 
 # ---------------------------------------------------------------- run
 
+#: settings the dense row depends on (the rest concern compression and recovery)
+DENSE_KEYS = ("model", "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size")
+
+
+def dense_row_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The dense row of another result file of this script, refused unless it was evaluated
+    exactly as this run evaluates (same model, windows, tasks and item limit)."""
+    import json
+
+    from common import same_settings
+
+    try:
+        doc = json.loads(path.read_text())
+        row = doc["raw"]["rows"]["dense"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--dense-from {path}: no dense row there ({err})") from err
+    if not same_settings(doc.get("settings", {}), args, DENSE_KEYS):
+        theirs = {k: doc.get("settings", {}).get(k) for k in DENSE_KEYS}
+        raise SystemExit(f"--dense-from {path} was evaluated with other settings: {theirs}")
+    log(f"[dense] taken from {path} (same evaluation settings)")
+    return {**row, "taken_from": path.name}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     setup(args)
@@ -309,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         write_result(out, build_document(rows, args, command, calset.description, eval_desc, brown_desc,
                                          int(windows.shape[0])))
 
+    if "dense" not in rows and args.dense_from:
+        rows["dense"] = dense_row_from(Path(args.dense_from), args)
     if "dense" not in rows:
         log("[dense] evaluating")
         rows["dense"] = evaluate("dense", "dense", 0.0, dense, tok, windows, brown, args)

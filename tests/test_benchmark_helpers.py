@@ -285,3 +285,17 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     assert row[col["recovery min"]] == round((rec["train_seconds"] + rec["sample_seconds"]) / 60, 1)
     assert doc["title"].endswith("fasp before and after distillation on text sampled from the dense model (#14)")
     assert any("text sampled from the dense model (96 tokens in samples of 32 from BOS" in n for n in doc["notes"])
+    # the dense row of the first file serves another (recovery settings differ, evaluation is the same)
+    reused = tmp_path / "reused.json"
+    args = [*args[:-1], str(reused), "--dense-from", str(out)]
+    proc = _run("recovery", *args)
+    assert proc.returncode == 0 and "[dense] taken from" in proc.stderr, proc.stderr[-3000:]
+    doc = _check_schema(reused)
+    first = json.loads(out.read_text())["raw"]["rows"]["dense"]
+    assert doc["raw"]["rows"]["dense"] == {**first, "taken_from": "recovery.json"}
+    assert any("taken from there (--dense-from)" in n for n in doc["notes"])
+    # an evaluation that differs (another item limit) refuses the borrowed row
+    other = [*args[: args.index("--limit")], "--limit", "3", *args[args.index("--limit") + 2:]]
+    other[other.index(str(reused))] = str(tmp_path / "other.json")
+    proc = _run("recovery", *other)
+    assert proc.returncode != 0 and "evaluated with other settings" in proc.stderr, proc.stderr[-2000:]

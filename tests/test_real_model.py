@@ -36,14 +36,7 @@ def test_cli_eval_agrees_with_independent_computation(smollm2_pristine, data_dir
     run = run_cli("eval", "--model", "smollm2-135m", "--dataset", "wikitext2", "--seqlen", "256", "--max-windows", "6",
                   "--json", "--quiet")
     assert run.rc == 0, run.err[-2000:]
-    # --quiet silences transformers' GGUF de-quantisation bar too (drawn with plain tqdm), and
-    # puts its tqdm back afterwards; without --quiet the bar is there
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from tqdm.auto import tqdm
-
-    assert "GGUF" not in run.err and gguf_utils.tqdm is tqdm
-    loud = run_cli("info", "--model", "smollm2-135m")
-    assert loud.rc == 0 and "Converting and de-quantizing GGUF tensors" in loud.err
+    assert "GGUF" not in run.err  # --quiet (the bar itself: tests/test_gguf_cache.py)
     res = json.loads(run.out)
     assert res["windows"] == 6 and res["seqlen"] == 256 and res["tokens"] == 6 * 255
     # independent: the raw test file read here, tokenised here, scored one window at a time
@@ -53,6 +46,33 @@ def test_cli_eval_agrees_with_independent_computation(smollm2_pristine, data_dir
     ref = _independent_ppl(model, ids)
     assert abs(res["ppl"] / ref - 1) < 0.005, (res["ppl"], ref)
     assert 10 < ref < 60  # a sane value for a 135M instruct model on WikiText-2
+
+
+def test_cached_conversion_of_smollm2_is_exact(tmp_path, monkeypatch):
+    """The packaged model is converted from GGUF once; every later load (the whole suite's, the
+    demo's) reads the cached copy, which must be the conversion bit for bit: weights, config,
+    and a tokenizer that splits text, special tokens and the chat template identically."""
+    from slicekit.models import gguf_cache_dir, load_model, resolve_model
+    from slicekit.validate import model_context_length
+
+    monkeypatch.setenv("SLICEKIT_CACHE_DIR", str(tmp_path))
+    converted, t1 = load_model("smollm2-135m")
+    assert gguf_cache_dir(resolve_model("smollm2-135m")) is not None
+    cached, t2 = load_model("smollm2-135m")
+    s1, s2 = converted.state_dict(), cached.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert cached.lm_head.weight is cached.model.embed_tokens.weight  # still tied
+    assert converted.config.to_dict() == cached.config.to_dict()
+    assert converted.generation_config.to_dict() == cached.generation_config.to_dict()
+    texts = ["The capital of France is", "  two spaces\n\ttab <|im_start|>user\nhi<|im_end|>", "ünïcödé 日本語 🙂", ""]
+    for text in texts:
+        assert t1(text).input_ids == t2(text).input_ids
+        assert t1.decode(t1(text).input_ids) == t2.decode(t2(text).input_ids)
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    assert (t1.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == t2.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert (t1.bos_token, t1.eos_token, t1.pad_token, len(t1)) == (t2.bos_token, t2.eos_token, t2.pad_token, len(t2))
+    assert model_context_length("smollm2-135m") == 8192
 
 
 def test_perplexity_rises_with_sparsity(smollm2_pristine, data_dir):

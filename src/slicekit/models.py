@@ -94,10 +94,10 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
 
     GGUF weights are dequantised by transformers; the result is re-created as a plain model so
     that no ``quantization_config`` (which transformers attaches to GGUF loads) follows it into
-    saved checkpoints.
+    saved checkpoints.  A float32 load also stores that plain model and its tokenizer in the cache
+    (:func:`gguf_cache_dir`), and later loads of the same file read the copy: the same weights in
+    seconds instead of a minute of metadata parsing and dequantisation.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = resolve_model(spec)
     torch_dtype = parse_dtype(dtype)
     from slicekit.validate import check_finite_model
@@ -108,18 +108,53 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
         model, tok = load(src.path, dtype=torch_dtype, device="cpu" if device_map else device)
         check_finite_model(model, spec)
         return (dispatch(model, device_map) if device_map else model), tok
-    from transformers import AutoConfig
+    model = tok = None
+    cached = gguf_cache_dir(src)
+    if cached is not None:  # the dequantised copy an earlier load wrote: seconds instead of a minute
+        from slicekit.arch import UnsupportedArchitectureError
+
+        try:
+            model, tok = _from_pretrained(spec, src, cached, {}, torch_dtype, require_tokenizer, require_adapter)
+        except UnsupportedArchitectureError:
+            raise
+        except Exception as err:  # a damaged entry (truncated weights, edited files): convert again
+            import logging
+            import shutil
+
+            logging.getLogger("slicekit").warning("the cached conversion of %s is unreadable (%s); converting the "
+                                                  "GGUF file again", src.gguf_file, str(err).splitlines()[0])
+            shutil.rmtree(cached, ignore_errors=True)
+            model = tok = None
+    if model is None:
+        gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        model, tok = _from_pretrained(spec, src, src.path, gguf, torch_dtype, require_tokenizer, require_adapter)
+        if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
+            model = _strip_gguf_quantization(model)
+        if src.gguf_file and tok is not None and torch_dtype == torch.float32:
+            _write_gguf_cache(model, tok, src)
+    if src.gguf_file:
+        model.config._name_or_path = src.path  # where the model came from, not the cache
+        model.config.architectures = [type(model).__name__]  # as a directory load (and the cached copy) has it
+    model = dispatch(model, device_map) if device_map else model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    return model, tok
+
+
+def _from_pretrained(spec: str, src: ModelSource, path: str, gguf: dict, torch_dtype: torch.dtype,
+                     require_tokenizer: bool, require_adapter: bool) -> tuple[nn.Module, object]:
+    """transformers' own loaders on ``path`` (a directory, hub id, or with ``gguf`` a GGUF file
+    in it), their errors turned into one-line errors (:class:`SlicekitError`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from slicekit.arch import get_arch
+    from slicekit.validate import check_finite_model
 
-    kwargs: dict = {"dtype": torch_dtype}
-    gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    kwargs.update(gguf)
     try:
         if require_adapter:  # fail on an unknown type before loading weights
-            get_arch(AutoConfig.from_pretrained(src.path, **gguf))
+            get_arch(AutoConfig.from_pretrained(path, **gguf))
         with _gguf_bar_follows_hf(bool(gguf)):
-            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **gguf)
     except OSError as err:
         if src.kind == "hub":
             raise SlicekitError(f"cannot load {spec!r} from the Hugging Face hub (offline, or no such model?): {str(err).splitlines()[0]}") from err
@@ -134,17 +169,112 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "float32", device: s
                             "corrupt or truncated; download or save it again") from err
     check_finite_model(model, spec)
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, **gguf)
+        tok = AutoTokenizer.from_pretrained(path, **gguf)
     except (OSError, ValueError, TypeError) as err:
         if require_tokenizer:
             raise SlicekitError(f"cannot load the tokenizer of {spec!r}: {str(err).splitlines()[0]}") from err
         tok = None
-    if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
-        model = _strip_gguf_quantization(model)
-    model = dispatch(model, device_map) if device_map else model.to(device)
-    model.eval()
-    model.config.use_cache = False
     return model, tok
+
+
+# ---------------------------------------------------------------- GGUF conversion cache
+
+#: bump when the cached layout changes, so old entries are ignored rather than misread
+GGUF_CACHE_FORMAT = 1
+_CACHE_MARKER = "slicekit-gguf-cache.json"
+
+
+def cache_root() -> str | None:
+    """Where slicekit keeps what it can rebuild: ``$SLICEKIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/slicekit``, else ``~/.cache/slicekit``; None when ``SLICEKIT_CACHE_DIR`` is
+    ``none``/``off``/``0`` (caching off)."""
+    env = os.environ.get("SLICEKIT_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "none", "off", "0") else os.path.expanduser(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "slicekit")
+
+
+def _gguf_cache_key(gguf_path: str) -> dict:
+    """What the dequantised copy depends on: the file (path, size, modification time) and the
+    transformers release that converted it (its GGUF conversion changes between releases)."""
+    import transformers
+
+    st = os.stat(gguf_path)
+    return {"format": GGUF_CACHE_FORMAT, "gguf": os.path.realpath(gguf_path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "transformers": transformers.__version__}
+
+
+def _gguf_cache_path(src: ModelSource) -> tuple[str, dict] | None:
+    root = cache_root()
+    if root is None or not src.gguf_file:
+        return None
+    import hashlib
+
+    key = _gguf_cache_key(os.path.join(src.path, src.gguf_file))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = os.path.splitext(src.gguf_file)[0]
+    return os.path.join(root, "gguf", f"{stem}-{digest}"), key
+
+
+def gguf_cache_dir(src: ModelSource) -> str | None:
+    """The directory holding ``src``'s dequantised model as a plain Hugging Face checkpoint, if a
+    previous load wrote it for exactly this file and transformers release; else None.
+
+    Why: transformers parses a GGUF file's metadata in pure Python (the 49k-token vocabulary of
+    SmolLM2 alone takes seconds) several times per load, then dequantises every tensor, so each
+    load of the packaged model costs ~30–60 s on two cores; the safetensors copy loads in
+    seconds and gives the same weights bit for bit (dequantised float32 stored as float32).
+    """
+    where = _gguf_cache_path(src)
+    if where is None:
+        return None
+    path, key = where
+    try:
+        with open(os.path.join(path, _CACHE_MARKER), encoding="utf-8") as fh:
+            if json.load(fh) != key:
+                return None
+    except (OSError, ValueError):
+        return None
+    return path
+
+
+def _write_gguf_cache(model: nn.Module, tok: object, src: ModelSource) -> None:
+    """Store the dequantised float32 model and its tokenizer for the next load: written into a
+    temporary directory beside the entry and renamed into place (a concurrent or interrupted
+    writer never leaves a half entry; the marker file is written last).  A cache that cannot be
+    written (read-only home, full disk) costs a warning, never the load."""
+    import logging
+    import shutil
+    import tempfile
+
+    where = _gguf_cache_path(src)
+    if where is None:
+        return
+    path, key = where
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+        with open(os.path.join(tmp, _CACHE_MARKER), "w", encoding="utf-8") as fh:
+            json.dump(key, fh)
+        if gguf_cache_dir(src) == path:  # another process wrote it meanwhile: keep theirs (it may be in use)
+            return
+        if os.path.isdir(path):  # a damaged entry of the same key (no valid marker): replace it
+            shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        tmp = None
+    except Exception as err:  # a cache must never cost the load it speeds up
+        if gguf_cache_dir(src) != path:  # (losing a race to another writer is no failure)
+            logging.getLogger("slicekit").warning(
+                "could not cache the dequantised GGUF model under %s (%s); the next load converts it again "
+                "(SLICEKIT_CACHE_DIR chooses the place, SLICEKIT_CACHE_DIR=none turns caching off)",
+                os.path.dirname(path), err)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
