@@ -193,3 +193,32 @@ def test_gguf_bar_follows_transformers_bars(tiny_gguf, capfd, monkeypatch):
     assert "GGUF" not in capfd.readouterr().err and gguf_utils.tqdm is original
     load_model(tiny_gguf)
     assert "Converting and de-quantizing GGUF tensors" in capfd.readouterr().err
+
+
+def test_big_conversions_and_full_disks_are_not_cached(tiny_gguf, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    import slicekit.models as models
+
+    monkeypatch.setattr(models, "GGUF_CACHE_MAX_BYTES", 1000)  # smaller than the tiny model's float32 copy
+    load_model(tiny_gguf)
+    assert gguf_cache_dir(resolve_model(tiny_gguf)) is None
+    monkeypatch.undo()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with caplog.at_level(logging.WARNING, logger="slicekit"):
+        model, _ = load_model(tiny_gguf)
+    assert "GB free" in caplog.text and gguf_cache_dir(resolve_model(tiny_gguf)) is None
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_dry_run_plans_the_load_the_run_will_do(tiny_gguf):
+    """Once the copy exists the run loads it like any model directory, and --dry-run's memory
+    model must describe that load, not a GGUF dequantisation."""
+    from slicekit.memory import _config_of
+
+    assert _config_of(tiny_gguf)[1].kind == "gguf"
+    load_model(tiny_gguf)
+    cfg, src = _config_of(tiny_gguf)
+    assert src.kind == "dir" and src.path == gguf_cache_dir(resolve_model(tiny_gguf)) and cfg.model_type == "llama"

@@ -181,6 +181,8 @@ def _from_pretrained(spec: str, src: ModelSource, path: str, gguf: dict, torch_d
 
 #: bump when the cached layout changes, so old entries are ignored rather than misread
 GGUF_CACHE_FORMAT = 1
+#: conversions larger than this are not cached (float32 copies of big GGUF models fill disks)
+GGUF_CACHE_MAX_BYTES = 8 * 10**9
 _CACHE_MARKER = "slicekit-gguf-cache.json"
 
 
@@ -252,9 +254,20 @@ def _write_gguf_cache(model: nn.Module, tok: object, src: ModelSource) -> None:
     if where is None:
         return
     path, key = where
+    log = logging.getLogger("slicekit")
+    need = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    if need > GGUF_CACHE_MAX_BYTES:  # a 70B GGUF would be 280 GB of float32 in the user's home
+        log.info("not caching the %.1f GB float32 conversion of %s (over %.0f GB)", need / 1e9, src.gguf_file,
+                 GGUF_CACHE_MAX_BYTES / 1e9)
+        return
     tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        if free < 2 * need:  # leave the disk as usable as it was
+            log.warning("not caching the converted GGUF model under %s: %.1f GB free for a %.1f GB copy",
+                        os.path.dirname(path), free / 1e9, need / 1e9)
+            return
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)  # type: ignore[attr-defined]
@@ -268,7 +281,7 @@ def _write_gguf_cache(model: nn.Module, tok: object, src: ModelSource) -> None:
         tmp = None
     except Exception as err:  # a cache must never cost the load it speeds up
         if gguf_cache_dir(src) != path:  # (losing a race to another writer is no failure)
-            logging.getLogger("slicekit").warning(
+            log.warning(
                 "could not cache the dequantised GGUF model under %s (%s); the next load converts it again "
                 "(SLICEKIT_CACHE_DIR chooses the place, SLICEKIT_CACHE_DIR=none turns caching off)",
                 os.path.dirname(path), err)
