@@ -79,9 +79,9 @@ def test_perplexity_rises_with_sparsity(smollm2_pristine, data_dir):
     import copy
 
     model, tok = smollm2_pristine
-    cal = CalibrationRequest(nsamples=8, seqlen=256, batch_size=8)
+    cal = CalibrationRequest(nsamples=4, seqlen=256, batch_size=4)
     batches, _ = calibration_batches(tok, cal)
-    windows = eval_windows(tok, load_text("wikitext2", purpose="eval"), 256, 6)
+    windows = eval_windows(tok, load_text("wikitext2", purpose="eval"), 256, 4)
     dense = math.exp(perplexity_of_windows(model, windows, progress=False)[0])
     ppls = []
     for s in (0.15, 0.3):
