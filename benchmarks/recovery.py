@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from common import (
     perplexity,
     resume,
     rounded,
+    same_settings,
     scrub,
     setup,
     write_result,
@@ -300,10 +302,6 @@ DENSE_KEYS = ("model", "eval_dataset", "eval_seqlen", "eval_windows", "limit", "
 def dense_row_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The dense row of another result file of this script, refused unless it was evaluated
     exactly as this run evaluates (same model, windows, tasks and item limit)."""
-    import json
-
-    from common import same_settings
-
     try:
         doc = json.loads(path.read_text())
         row = doc["raw"]["rows"]["dense"]

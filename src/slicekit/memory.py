@@ -70,14 +70,12 @@ def _human(seconds: float) -> str:
 def _config_of(model_spec: str):
     from transformers import AutoConfig
 
-    from slicekit.models import ModelSource, gguf_cache_dir, resolve_model
+    from slicekit.models import cached_source, resolve_model
 
     src = resolve_model(model_spec)
     if src.kind in ("slicekit", "packed"):
         raise SlicekitError("--dry-run predicts the compression of an original model, not of a compressed one")
-    cached = gguf_cache_dir(src) if src.gguf_file else None
-    if cached is not None:  # the run will load the cached float32 copy, as from any model directory
-        src = ModelSource("dir", cached, None, model_spec)
+    src = cached_source(src)  # the run loads a converted GGUF's cached copy like any model directory
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         return AutoConfig.from_pretrained(src.path, **kwargs), src

@@ -241,6 +241,14 @@ def gguf_cache_dir(src: ModelSource) -> str | None:
     return path
 
 
+def cached_source(src: ModelSource) -> ModelSource:
+    """``src`` itself, or for a GGUF file whose converted copy exists, that copy as a plain model
+    directory: what a load will read, so the readers that avoid loading weights (context length,
+    parameter count, the memory model) read it too instead of parsing the GGUF metadata."""
+    cached = gguf_cache_dir(src)
+    return src if cached is None else ModelSource("dir", cached, None, src.display)
+
+
 def _write_gguf_cache(model: nn.Module, tok: object, src: ModelSource) -> None:
     """Store the dequantised float32 model and its tokenizer for the next load: written into a
     temporary directory beside the entry and renamed into place (a concurrent or interrupted

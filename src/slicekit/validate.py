@@ -178,12 +178,9 @@ def model_context_length(model_spec: str) -> int | None:
     :func:`slicekit.models.resolve_model`), a hub model only if its config is already cached.
     A missing path or a corrupt config raises the loader's one-line error.
     """
-    from slicekit.models import gguf_cache_dir, resolve_model
+    from slicekit.models import cached_source, resolve_model
 
-    src = resolve_model(model_spec)
-    cached = gguf_cache_dir(src) if src.gguf_file else None
-    if cached is not None:  # the converted copy's config: no pass over the GGUF metadata
-        return context_from_config(_read_config(cached))
+    src = cached_source(resolve_model(model_spec))
     if src.gguf_file:
         return gguf_context_length(os.path.join(src.path, src.gguf_file))
     if src.kind in ("dir", "slicekit"):
@@ -223,13 +220,11 @@ def _safetensors_numel(path: str) -> int:
 def model_parameter_count(model_spec: str) -> int | None:
     """Parameters stored by a model, from safetensors headers or GGUF tensor infos (None if
     unknown, e.g. a hub id or pickled weights) — for the disk-space estimate."""
-    from slicekit.models import ModelSource, gguf_cache_dir, resolve_model
+    from slicekit.models import cached_source, resolve_model
 
     src = resolve_model(model_spec)
     try:
-        cached = gguf_cache_dir(src) if src.gguf_file else None
-        if cached is not None:
-            src = ModelSource("dir", cached)
+        src = cached_source(src)
         if src.gguf_file:
             reader = _gguf_reader(os.path.join(src.path, src.gguf_file))
             return None if reader is None else int(sum(int(t.n_elements) for t in reader.tensors))
