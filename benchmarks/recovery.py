@@ -65,7 +65,7 @@ from slicekit.models import load_model
 CACHE_KEYS = ("model", "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size", "seed",
               "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size", "rec_dataset",
               "rec_tokens", "rec_seqlen", "rec_batch_size", "rec_mode", "rec_lr", "rec_precision", "rec_loss",
-              "rec_hidden_distill", "rec_sample_tokens",
+              "rec_hidden_distill", "rec_sample_tokens", "rec_train_embeddings",
               "disp_train_tokens")
 
 
@@ -87,6 +87,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--rec-lr", type=float, default=2e-4, help="default %(default)s")
     g.add_argument("--rec-precision", default="auto", choices=("auto", "fp32", "bf16"), help="default %(default)s")
     g.add_argument("--rec-loss", default="distill", choices=("distill", "ce"), help="default %(default)s")
+    g.add_argument("--rec-train-embeddings", action="store_true",
+                   help="full mode: train the token embeddings (and a head tied to them) too")
     g.add_argument("--rec-hidden-distill", type=float, default=0.0,
                    help="weight of the decoder-layer hidden-state term (methods that keep the stream's basis; "
                         "default %(default)s)")
@@ -118,7 +120,7 @@ def rec_config(args: argparse.Namespace, method: str | None = None):
     return RecoverConfig(dataset=args.rec_dataset, seqlen=args.rec_seqlen, batch_size=args.rec_batch_size,
                          tokens=args.rec_tokens, mode=args.rec_mode, lr=args.rec_lr, precision=args.rec_precision,
                          loss=args.rec_loss, hidden_distill=hidden, sample_tokens=args.rec_sample_tokens,
-                         sample_length=args.rec_seqlen)
+                         sample_length=args.rec_seqlen, train_embeddings=args.rec_train_embeddings)
 
 
 def evaluate(name: str, method: str, share: float, model, tok, windows, brown, args, report=None) -> dict[str, Any]:
@@ -224,7 +226,9 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         notes += observations(rows, shares, labels, dense, zd, tasks)
     rc = rec_config(args)
     notes += [
-        f"recovery: slicekit.recover.recover, {rc.mode} fine-tuning, loss {args.rec_loss} "
+        f"recovery: slicekit.recover.recover, {rc.mode} fine-tuning"
+        + (" (the token embeddings and the head tied to them trained too)" if rc.train_embeddings else "")
+        + f", loss {args.rec_loss} "
         f"({'KL to the dense model, T = 1' if args.rec_loss == 'distill' else 'next-token CE'}"
         + (f" + {args.rec_hidden_distill} × relative MSE of every decoder layer's output, except for SliceGPT, whose "
            "stream is rotated" if args.rec_hidden_distill else "")

@@ -275,12 +275,14 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     # text sampled from the dense model: the sampling time counts in the row's recovery minutes
     sampled = tmp_path / "sampled.json"
     args = [*args[: args.index("--methods")], "--methods", "fasp", "--rec-dataset", "teacher", "--rec-sample-tokens",
-            "96", *args[args.index("--rec-tokens"):-1], str(sampled)]
+            "96", "--rec-train-embeddings", *args[args.index("--rec-tokens"):-1], str(sampled)]
     proc = _run("recovery", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = _check_schema(sampled)
     rec = doc["raw"]["rows"]["fasp@0.25"]["recovery"]
     assert rec["sample_seconds"] > 0 and "sampled from the teacher" in rec["data"]
+    assert rec["train_embeddings"] is True and "train_embeddings" not in raw["fasp@0.25"]["recovery"]
+    assert any("fine-tuning (the token embeddings and the head tied to them trained too)" in n for n in doc["notes"])
     row = doc["tables"][0]["rows"][1]
     assert row[col["recovery min"]] == round((rec["train_seconds"] + rec["sample_seconds"]) / 60, 1)
     assert doc["title"].endswith("fasp before and after distillation on text sampled from the dense model (#14)")

@@ -325,6 +325,21 @@ def test_full_fine_tuning_freezes_embeddings(tok, text):
     assert curve[-1] < curve[0] - 0.3
 
 
+def test_full_fine_tuning_with_embeddings_trains_the_tied_table(tok, text):
+    """``train_embeddings``: the token table (and the head tied to it, SmolLM2's layout) is
+    trained as one parameter, the tie survives, and the card says so."""
+    model = tiny_model("llama")  # tied head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight.detach().clone()
+    report = recover(model, tok, _cfg(text, mode="full", lr=1e-3, train_embeddings=True), progress=False)
+    assert not torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert report.trainable_params == sum(p.numel() for p in model.parameters())  # tied: counted once
+    assert report.summary()["train_embeddings"] is True
+    frozen = recover(tiny_model("llama"), tok, _cfg(text, mode="full", lr=1e-3), progress=False)
+    assert "train_embeddings" not in frozen.summary()
+
+
 def test_slicegpt_shortcuts_are_trained_and_kept(tok, text, tmp_path):
     teacher = tiny_model("llama")
     student = _slicegpt(copy.deepcopy(teacher))

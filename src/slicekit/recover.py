@@ -295,6 +295,8 @@ class RecoverReport:
                 "interrupted": self.interrupted}
         if self.settings.get("dataset") == TEACHER_TEXT:
             out["sample_seconds"] = round(self.sample_seconds, 1)
+        if self.settings.get("mode") == "full" and self.settings.get("train_embeddings"):
+            out["train_embeddings"] = True  # the card says the token table (and a tied head) changed too
         return out
 
 
