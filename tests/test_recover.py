@@ -105,7 +105,7 @@ def _slicegpt(model):
     dict(sample_tokens=0), dict(sample_length=0), dict(sample_batch_size=0), dict(sample_temperature=0.0),
     dict(sample_temperature=float("nan")), dict(sample_top_p=0.0), dict(sample_top_p=1.5),
     dict(dataset="teacher", loss="ce"), dict(dataset="teacher", seqlen=64, tokens=100),
-    dict(dataset="teacher", seqlen=64, sample_tokens=127),
+    dict(dataset="teacher", seqlen=64, sample_tokens=127), dict(mode="lora", train_embeddings=True),
 ])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SlicekitError):

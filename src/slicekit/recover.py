@@ -166,6 +166,9 @@ class RecoverConfig:
             raise SlicekitError(f"batch_size and grad_accum must be ≥ 1 (got {self.batch_size}, {self.grad_accum})")
         if self.mode not in MODES:
             raise SlicekitError(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.train_embeddings and self.mode != "full":
+            raise SlicekitError("train_embeddings trains the token table in full fine-tuning; LoRA adapts only the "
+                                "linears and would ignore it: use mode='full', or leave train_embeddings off")
         if self.lr is None:
             self.lr = 2e-4 if self.mode == "lora" else 2e-5
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -295,7 +298,7 @@ class RecoverReport:
                 "interrupted": self.interrupted}
         if self.settings.get("dataset") == TEACHER_TEXT:
             out["sample_seconds"] = round(self.sample_seconds, 1)
-        if self.settings.get("mode") == "full" and self.settings.get("train_embeddings"):
+        if self.settings.get("train_embeddings"):
             out["train_embeddings"] = True  # the card says the token table (and a tied head) changed too
         return out
 
