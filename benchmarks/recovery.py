@@ -101,6 +101,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="take the dense row from this result file of recovery.py when its evaluation settings "
                         "(model, WikiText-2/Brown windows, tasks, --limit) are this run's: the dense model does "
                         "not depend on the recovery settings, and at 500 items a task it costs 14 min")
+    p.add_argument("--before-from", default=None,
+                   help="take each row's before-recovery evaluation from this result file of recovery.py when it "
+                        "was compressed and evaluated with this run's settings and the freshly compressed model "
+                        "has the same parameter count and WikiText-2 perplexity (checked, 40 s); otherwise the "
+                        "row is evaluated as usual.  Compression is deterministic, and at 500 items a task the "
+                        "zero-shot evaluation costs 11 min a row")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out")
     p.add_argument("--redo", default="", help="comma-separated row labels to recompute even if cached")
     args = p.parse_args(argv)
@@ -143,8 +149,12 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
     log(f"[{label} @ {share:g}] compressing")
     report = compress(model, tok, method, method_config(method, share, **settings), calibration_request(args),
                       progress=False, batches=disp_batches if method == "disp" else batches)
-    before = evaluate(label, method, share, model, tok, windows, brown, args, report)
-    before["settings"] = {k: v for k, v in before["settings"].items() if k not in ("save_policy", "policy")}
+    before = None
+    if args.before_from:
+        before = before_row_from(Path(args.before_from), args, f"{label}@{share:g}", model, windows)
+    if before is None:
+        before = evaluate(label, method, share, model, tok, windows, brown, args, report)
+        before["settings"] = {k: v for k, v in before["settings"].items() if k not in ("save_policy", "policy")}
     log(f"[{label} @ {share:g}] before: ppl {before['ppl']:.2f}, brown {before['brown_ppl']:.2f}; recovering")
     rec = recover(model, tok, rec_config(args, method), teacher=dense, progress=False)
     after = evaluate(label, method, share, model, tok, windows, brown, args)
@@ -253,6 +263,12 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
     if dense is not None and dense.get("taken_from"):
         notes.append(f"the dense row was evaluated for {dense['taken_from']} with this file's evaluation settings "
                      "and taken from there (--dense-from): the dense model does not depend on recovery settings")
+    reused = sorted({r["before"]["taken_from"] for r in rows.values() if (r.get("before") or {}).get("taken_from")})
+    if reused:
+        notes.append(f"before-recovery evaluations marked taken_from were made for {', '.join(reused)} with this "
+                     "file's compression and evaluation settings and reused (--before-from), after checking that "
+                     "the model compressed here has the same parameter count and WikiText-2 perplexity "
+                     "(ppl_check); compression is deterministic")
     who = "every method" if len(labels) > 2 else " and ".join(labels)
     on = ("text sampled from the dense model" if rc.teacher_text
           else "Brown" if args.rec_dataset == "brown" else scrub(args.rec_dataset))
@@ -301,6 +317,41 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
 
 #: settings the dense row depends on (the rest concern compression and recovery)
 DENSE_KEYS = ("model", "eval_dataset", "eval_seqlen", "eval_windows", "limit", "tasks", "zs_batch_size")
+
+
+#: settings a row's compressed model and its before-recovery evaluation depend on
+BEFORE_KEYS = (*DENSE_KEYS, "cal_dataset", "cal_split", "cal_nsamples", "cal_seqlen", "cal_batch_size", "seed",
+               "disp_train_tokens")
+
+
+def before_row_from(path: Path, args: argparse.Namespace, key: str, model, windows) -> dict[str, Any] | None:
+    """Row ``key``'s before-recovery evaluation from another result file of this script, or None.
+
+    Reused only when that file compressed and evaluated with this run's settings and the model
+    just compressed here is the same one: equal parameter counts and WikiText-2 perplexity within
+    1e-5 relative (the check costs one perplexity pass; the zero-shot pass it saves costs ~20×
+    more).  Anything else -- no such file or row, other settings, another model -- returns None and
+    the row is evaluated as usual, so a stale file can cost time but never report a wrong number."""
+    from slicekit.models import count_parameters
+
+    try:
+        doc = json.loads(path.read_text())
+        before = doc["raw"]["rows"][key]["before"]
+        ppl = float(before["ppl"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log(f"[{key}] --before-from {path}: no usable row ({type(err).__name__}: {err}); evaluating")
+        return None
+    if not same_settings(doc.get("settings", {}), args, BEFORE_KEYS):
+        log(f"[{key}] --before-from {path} compressed or evaluated with other settings; evaluating")
+        return None
+    params = count_parameters(model)
+    fresh = perplexity(model, windows)
+    if params != before.get("params") or abs(fresh - ppl) > 1e-5 * ppl:
+        log(f"[{key}] --before-from {path}: another model (ppl {fresh:.4f} vs {ppl:.4f}, "
+            f"params {params['total']:,} vs {(before.get('params') or {}).get('total')}); evaluating")
+        return None
+    log(f"[{key}] before-recovery evaluation taken from {path} (same settings, ppl {fresh:.4f} checked)")
+    return {**before, "taken_from": path.name, "ppl_check": fresh}
 
 
 def dense_row_from(path: Path, args: argparse.Namespace) -> dict[str, Any]:

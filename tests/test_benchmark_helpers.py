@@ -301,3 +301,21 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     other[other.index(str(reused))] = str(tmp_path / "other.json")
     proc = _run("recovery", *other)
     assert proc.returncode != 0 and "evaluated with other settings" in proc.stderr, proc.stderr[-2000:]
+    # the before-recovery evaluation of the first file serves a row compressed the same way, once the
+    # fresh model is checked to be that model; a row whose recorded perplexity differs is evaluated again
+    borrowed = tmp_path / "borrowed.json"
+    proc = _run("recovery", *args[:-3], str(borrowed), "--before-from", str(out))
+    assert proc.returncode == 0 and "before-recovery evaluation taken from" in proc.stderr, proc.stderr[-3000:]
+    doc = _check_schema(borrowed)
+    mine, theirs = doc["raw"]["rows"]["fasp@0.25"]["before"], raw["fasp@0.25"]["before"]
+    assert mine == {**theirs, "taken_from": "recovery.json", "ppl_check": mine["ppl_check"]}
+    assert abs(mine["ppl_check"] - theirs["ppl"]) <= 1e-5 * theirs["ppl"]
+    assert any("reused (--before-from)" in n for n in doc["notes"])
+    stale = json.loads(out.read_text())
+    stale["raw"]["rows"]["fasp@0.25"]["before"]["ppl"] *= 1.01
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    proc = _run("recovery", *args[:-3], str(tmp_path / "fresh.json"), "--before-from", str(tmp_path / "stale.json"))
+    assert proc.returncode == 0 and "another model" in proc.stderr, proc.stderr[-3000:]
+    doc = _check_schema(tmp_path / "fresh.json")
+    assert "taken_from" not in doc["raw"]["rows"]["fasp@0.25"]["before"]
+    assert not any("--before-from" in n for n in doc["notes"])
