@@ -16,6 +16,7 @@ from slicekit.errors import SlicekitError
 from slicekit.recover import (
     RecoverConfig,
     TokenStream,
+    _adamw,
     _kl_full,
     _kl_topk,
     _lr_at,
@@ -323,6 +324,29 @@ def test_full_fine_tuning_freezes_embeddings(tok, text):
     assert report.trainable_params == sum(p.numel() for p in model.parameters()) - emb.numel()
     curve = [c["loss"] for c in report.loss_curve]
     assert curve[-1] < curve[0] - 0.3
+
+
+def test_optimizer_is_fused_adamw_with_the_same_update():
+    """The fused kernel is what runs on CPU, and one step moves the weights as the per-tensor
+    AdamW does (same lr, betas, weight decay): the speed-up changes nothing else."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 5), torch.randn(5)]
+    grads = [torch.randn_like(w) for w in weights]
+    fused = [torch.nn.Parameter(w.clone()) for w in weights]
+    loop = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = _adamw([{"params": fused[:1], "weight_decay": 0.1}, {"params": fused[1:], "weight_decay": 0.0}], 1e-2)
+    ref = torch.optim.AdamW([{"params": loop[:1], "weight_decay": 0.1}, {"params": loop[1:], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    assert opt.defaults["fused"] is True
+    for _ in range(3):
+        for ps in (fused, loop):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b, w in zip(fused, loop, weights, strict=True):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_full_fine_tuning_with_embeddings_trains_the_tied_table(tok, text):
