@@ -107,6 +107,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "has the same parameter count and WikiText-2 perplexity (checked, 40 s); otherwise the "
                         "row is evaluated as usual.  Compression is deterministic, and at 500 items a task the "
                         "zero-shot evaluation costs 11 min a row")
+    p.add_argument("--save-models", default=None, metavar="DIR",
+                   help="save each recovered model to DIR/<label>-<share> (slicekit.save, atomic), so that it can "
+                        "be evaluated further (e.g. `slicekit eval --tasks … --limit 1000`) without training again")
     p.add_argument("--fresh", action="store_true", help="ignore rows cached in --out")
     p.add_argument("--redo", default="", help="comma-separated row labels to recompute even if cached")
     args = p.parse_args(argv)
@@ -157,6 +160,12 @@ def run_row(label: str, share: float, dense, tok, batches, disp_batches, windows
         before["settings"] = {k: v for k, v in before["settings"].items() if k not in ("save_policy", "policy")}
     log(f"[{label} @ {share:g}] before: ppl {before['ppl']:.2f}, brown {before['brown_ppl']:.2f}; recovering")
     rec = recover(model, tok, rec_config(args, method), teacher=dense, progress=False)
+    if args.save_models:
+        from slicekit.checkpoint import save as save_model
+
+        where = Path(args.save_models) / f"{label.replace(' ', '-')}-{share:g}"
+        save_model(model, tok, str(where), info={"recovery": rec.summary()})
+        log(f"[{label} @ {share:g}] saved the recovered model to {where}")
     after = evaluate(label, method, share, model, tok, windows, brown, args)
     curve = rec.loss_curve
     tenth = max(1, len(curve) // 10)

@@ -304,9 +304,16 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     # the before-recovery evaluation of the first file serves a row compressed the same way, once the
     # fresh model is checked to be that model; a row whose recorded perplexity differs is evaluated again
     borrowed = tmp_path / "borrowed.json"
-    proc = _run("recovery", *args[:-3], str(borrowed), "--before-from", str(out))
+    proc = _run("recovery", *args[:-3], str(borrowed), "--before-from", str(out), "--save-models",
+                str(tmp_path / "models"))
     assert proc.returncode == 0 and "before-recovery evaluation taken from" in proc.stderr, proc.stderr[-3000:]
     doc = _check_schema(borrowed)
+    # --save-models keeps the recovered model for further evaluation: it loads back at the row's size
+    import slicekit
+
+    saved, _ = slicekit.load(str(tmp_path / "models" / "fasp-0.25"))
+    assert count_parameters(saved) == doc["raw"]["rows"]["fasp@0.25"]["after"]["params"]
+    assert saved.config.slicekit["info"]["recovery"]["tokens"] == 128
     mine, theirs = doc["raw"]["rows"]["fasp@0.25"]["before"], raw["fasp@0.25"]["before"]
     assert mine == {**theirs, "taken_from": "recovery.json", "ppl_check": mine["ppl_check"]}
     assert abs(mine["ppl_check"] - theirs["ppl"]) <= 1e-5 * theirs["ppl"]

@@ -225,3 +225,29 @@ def test_counts_from_shape_respect_tied_embeddings():
     assert counts.total == real == count_parameters(model)["total"]
     assert counts.total - counts.non_embedding == model.model.embed_tokens.weight.numel()
     assert count_plan(Plan.from_shape(model.config, plan.shape())) == counts == count_built(plan)
+
+
+def test_model_card_records_recovery_data_budget_and_numbers():
+    """#14: the card of a recovered model states what recovery read, its budget and before/after
+    perplexity; an unrecovered model's card has no recovery section."""
+    from slicekit.checkpoint import model_card
+
+    rec = {"data": "brown/train (texts 51–end)", "mode": "lora", "loss": "distill", "teacher": "dense model",
+           "tokens": 184320, "steps": 720, "seqlen": 256, "lr": 2e-4, "seed": 42, "first_loss": 0.755,
+           "last_loss": 0.366, "train_seconds": 1584.0, "tokens_per_s": 116.3, "precision": "fp32",
+           "interrupted": False,
+           "perplexity": [{"model": "before recovery", "dataset": "wikitext2/test", "seqlen": 2048, "windows": 4,
+                           "ppl": 43.4868}, {"model": "after recovery", "dataset": "wikitext2/test",
+                                             "seqlen": 2048, "windows": 4, "ppl": 33.5312}]}
+    card = model_card({"method": "dotresize", "recovery": rec})
+    section = card[card.index("## Recovery"):card.index("## Loading")]
+    assert "- Data: brown/train (texts 51–end)" in section
+    assert "LoRA, merged back; loss distill (teacher: dense model)" in section
+    assert "184,320 tokens in 720 optimizer steps (sequences of 256), lr 0.0002, seed 42; 26.4 min" in section
+    assert "| before recovery | wikitext2/test | 2048 | 4 | 43.487 |" in section
+    assert "| after recovery | wikitext2/test | 2048 | 4 | 33.531 |" in section
+    assert "interrupted" not in section
+    cut = model_card({"method": "dotresize", "recovery": {**rec, "interrupted": True, "mode": "full",
+                                                          "train_embeddings": True}})
+    assert "interrupted before its budget was spent" in cut and "token embeddings and a head tied" in cut
+    assert "## Recovery" not in model_card({"method": "dotresize"})

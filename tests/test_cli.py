@@ -84,10 +84,40 @@ def test_compress_json_and_reload(tiny_dir, data_dir, tmp_path):
     assert json.loads(out)["compressed"] is True
 
 
+def test_compress_recover_trains_evaluates_and_saves_what_it_reports(tiny_dir, data_dir, tmp_path):
+    """`compress --recover`: compress, distil from the original (loaded again as the teacher), evaluate,
+    and save a model whose card records the recovery and which scores what the run reported."""
+    out_dir = tmp_path / "cr"
+    rc, out, err = run_cli("compress", "--model", str(tiny_dir), "--method", "fasp", "--target-params", "0.25",
+                           "--cal-nsamples", "4", "--cal-seqlen", "64", "--out", str(out_dir), "--eval",
+                           "--eval-seqlen", "64", "--eval-max-windows", "2", "--recover", "--recover-dataset", "brown",
+                           "--recover-tokens", "256", "--recover-seqlen", "32", "--recover-batch-size", "2",
+                           "--recover-mode", "full", "--recover-lr", "1e-3", "--recover-precision", "fp32",
+                           "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert [r["model"] for r in res["perplexity"]] == ["original", "compressed", "recovered"]
+    rec = res["recovery"]
+    assert rec["tokens"] == 256 and rec["steps"] == 4 and rec["mode"] == "full" and rec["loss"] == "distill"
+    assert "brown/train" in rec["data"] and rec["teacher"].startswith("dense")
+    recovered = res["perplexity"][2]["ppl"]
+    assert recovered != res["perplexity"][1]["ppl"]
+    card = (out_dir / "README.md").read_text()
+    assert "## Recovery" in card and "256 tokens in 4 optimizer steps" in card and "| recovered |" in card
+    rc, out, err = run_cli("eval", "--model", str(out_dir), "--dataset", "wikitext2", "--seqlen", "64",
+                           "--max-windows", "2", "--json")
+    assert rc == 0, err
+    assert abs(json.loads(out)["ppl"] - recovered) <= 1e-4 * recovered  # the saved model is the recovered one
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["info", "--model", "/no/such/dir"], "not found"),
+        (["compress", "--model", "TINY", "--slicing", "0.25", "--recover-tokens", "128"], "add --recover"),
+        (["compress", "--model", "TINY", "--slicing", "0.25", "--recover", "--recover-mode", "qlora"], "mode"),
+        (["compress", "--model", "TINY", "--slicing", "0.25", "--recover", "--stream", "--out", "X"],
+         "cannot train it"),
         (["eval", "--model", "TINY", "--dataset", "nonexistent-set"], "unknown dataset"),
         (["eval", "--model", "TINY", "--dataset", "/no/file.txt"], "not found"),
         (["compress", "--model", "TINY", "--slicing", "1.2"], "slicing"),

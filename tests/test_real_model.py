@@ -165,3 +165,6 @@ def test_demo_pipeline_end_to_end(smollm2_pristine, data_dir, tmp_path):
     assert res["reloaded_generates_the_same"] and res["reloaded_generation"] == res["generation"]["recovered"]
     assert res["ppl_original"] < res["ppl_compressed"] and math.isfinite(res["ppl_recovered"])
     assert (out / "config.json").is_file()
+    card = (out / "README.md").read_text()  # the card says what recovery read, for how long, and what it gave
+    assert "## Recovery" in card and "brown/train" in card and "1,024 tokens in 4 optimizer steps" in card
+    assert "| recovered |" in card

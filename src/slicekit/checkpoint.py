@@ -130,6 +130,7 @@ def model_card(info: dict[str, Any]) -> str:
         lines += ["", "## Perplexity", "", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
         for row in ppl:
             lines.append(f"| {row['model']} | {row['dataset']} | {row['seqlen']} | {row['windows']} | {row['ppl']:.3f} |")
+    lines += _recovery_lines(info.get("recovery"))
     recipe = info.get("recipe")
     if recipe:
         lines += ["", "## Reproduce", "", "The settings of this run are in `recipe.json`:", "", "```bash",
@@ -145,6 +146,39 @@ def model_card(info: dict[str, Any]) -> str:
               "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
               "or, without remote code: `slicekit.load(PATH)`.", ""]
     return "\n".join(lines)
+
+
+def _recovery_lines(rec: dict[str, Any] | None) -> list[str]:
+    """The card's recovery section: a recovered model's quality depends on what it was trained on
+    and for how long as much as on the compression, so a reader needs the data, the budget and
+    the numbers before and after (``RecoverReport.summary()``, plus ``perplexity`` rows from
+    ``slicekit recover``)."""
+    if not rec:
+        return []
+    mode = {"full": "full fine-tuning", "lora": "LoRA, merged back"}.get(rec.get("mode"), rec.get("mode", "?"))
+    if rec.get("train_embeddings"):
+        mode += " (token embeddings and a head tied to them trained too)"
+    lines = ["", "## Recovery", "", f"- Data: {rec.get('data', '?')}",
+             f"- Training: {mode}; loss {rec.get('loss', '?')}"
+             + (f" (teacher: {rec['teacher']})" if rec.get("teacher") else "")]
+    if rec.get("tokens") is not None:
+        budget = (f"- Budget: {rec['tokens']:,} tokens in {rec.get('steps', '?')} optimizer steps"
+                  f" (sequences of {rec.get('seqlen', '?')}), lr {rec.get('lr', '?')}, seed {rec.get('seed', '?')}")
+        if rec.get("train_seconds") is not None:
+            budget += (f"; {rec['train_seconds'] / 60:.1f} min of training at {rec.get('tokens_per_s', '?')} "
+                       f"tokens/s ({rec.get('precision', '?')})")
+        if rec.get("sample_seconds"):
+            budget += f", plus {rec['sample_seconds'] / 60:.1f} min sampling the text from the teacher"
+        lines.append(budget)
+    if rec.get("first_loss") is not None and rec.get("last_loss") is not None:
+        lines.append(f"- Training loss: {rec['first_loss']:.4f} at the first step, {rec['last_loss']:.4f} at the last")
+    if rec.get("interrupted"):
+        lines.append("- **The run was interrupted before its budget was spent.**")
+    rows = rec.get("perplexity") or []
+    if rows:
+        lines += ["", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['dataset']} | {r['seqlen']} | {r['windows']} | {r['ppl']:.3f} |" for r in rows]
+    return lines
 
 
 def _public_name(name: Any) -> Any:

@@ -298,6 +298,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cal = CalibrationRequest(**cal_defaults)
     except TypeError as err:
         raise SlicekitError(f"invalid calibration settings: {err}") from err
+    rec_config = None
+    if args.recover:
+        if args.stream:
+            raise SlicekitError("--stream never holds the whole model, so it cannot train it: compress with "
+                                "--stream --out DIR, then `slicekit recover --model DIR --teacher MODEL`")
+        rec_config = _recover_config(args, "r_")
+    elif args.recover_resume_dir or any(k.startswith("r_") and v is not None for k, v in vars(args).items()):
+        raise SlicekitError("--recover-* options set recovery training: add --recover")
     from slicekit.validate import preflight
 
     preflight(args, cal)  # arguments, context, dtype/device, output location and space: before any loading
@@ -343,7 +351,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if windows is not None:
         r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
         ppl_rows.append({"model": "compressed", **r.as_dict()})
+    recovery = None
+    if rec_config is not None:
+        from slicekit.recover import recover
+
+        def teacher() -> Any:  # loaded only now: compression never holds two models
+            return load_model(args.model, args.dtype, args.device)[0]
+
+        rec = recover(model, tok, rec_config, teacher=teacher, progress=not args.quiet,
+                      resume_dir=args.recover_resume_dir)
+        if rec.interrupted:
+            raise SlicekitError("recovery was interrupted and nothing was saved; "
+                                + (f"its progress is checkpointed in {args.recover_resume_dir}: rerun the same "
+                                   "command to compress again and resume" if args.recover_resume_dir else
+                                   "rerun the command (with --recover-resume-dir DIR to make it resumable)"))
+        recovery = rec.summary()
+        if windows is not None:
+            r = perplexity_result(model, windows, eval_source.description, args.eval_batch_size, not args.quiet)
+            ppl_rows.append({"model": "recovered", **r.as_dict()})
     out = report.as_dict()
+    if recovery is not None:
+        out["recovery"] = recovery
     out["model"] = args.model
     out["perplexity"] = ppl_rows
     if args.out:
@@ -360,6 +388,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 "compression_seconds": report.measurement.seconds, "recipe": recipe_out,
                 "params": {"original": report.params_original, "compressed": report.params_compressed},
                 "perplexity": ppl_rows, "widths": report.summary}
+        if recovery is not None:
+            info["recovery"] = recovery
         png = summary_widths_png(report.summary, f"{args.model}, {args.method}")
         files = {"recipe.json": json.dumps(recipe_out, indent=2).encode()}
         if png:
@@ -381,6 +411,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     m = report.measurement
     lines.append(f"compression: {m.seconds:.1f} s, peak RSS {m.rss_peak / 2**20:.0f} MiB "
                  f"(+{m.rss_added / 2**20:.0f} MiB)" + (f", CUDA peak {m.cuda_peak / 2**20:.0f} MiB" if m.cuda_peak else ""))
+    if recovery is not None:
+        lines.append(f"recovery: {recovery['tokens']:,} tokens of {recovery['data']} in "
+                     f"{recovery['train_seconds'] / 60:.1f} min ({recovery['mode']}, {recovery['loss']}), "
+                     f"loss {recovery['first_loss']:.4f} → {recovery['last_loss']:.4f}")
     for row in ppl_rows:
         lines.append(f"perplexity {row['model']:>10}: {row['ppl']:.4f} ({row['windows']} × {row['seqlen']} tokens of {row['dataset']})")
     if args.out:
@@ -442,20 +476,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One option per field of a settings dataclass (as for methods), dest ``m_<field>``."""
+def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str, prefix: str = "",
+                           dest: str = "m_") -> None:
+    """One option per field of a settings dataclass (as for methods): ``--<prefix><field>``, dest
+    ``<dest><field>``.  The prefix keeps two dataclasses on one command apart (``compress`` has the
+    method's ``--lr`` and recovery's ``--recover-lr``)."""
     from slicekit.methods import config_fields, field_type
 
     group = p.add_argument_group(title)
     for f in config_fields(cls):
         base, _, choices = field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + prefix + f.name.replace("_", "-")
         text = f"(default: {default})" + (f"; one of {', '.join(map(str, choices))}" if choices else "")
         if base is bool:
-            group.add_argument(flag, dest=f"m_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, dest=f"{dest}{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
         else:
-            group.add_argument(flag, dest=f"m_{f.name}", default=None, metavar=base.__name__.upper(), help=text)
+            group.add_argument(flag, dest=f"{dest}{f.name}", default=None, metavar=base.__name__.upper(), help=text)
+
+
+def _recover_config(args: argparse.Namespace, dest: str = "m_") -> Any:
+    """The :class:`RecoverConfig` of the options given (validated on construction, before any
+    weight is loaded)."""
+    from slicekit.methods import coerce_field, config_fields
+    from slicekit.recover import RecoverConfig
+
+    values = {f.name: getattr(args, f"{dest}{f.name}") for f in config_fields(RecoverConfig)
+              if getattr(args, f"{dest}{f.name}", None) is not None}
+    return RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -464,13 +513,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from slicekit.checkpoint import save
     from slicekit.data import load_text
     from slicekit.evaluate import eval_windows, perplexity_result
-    from slicekit.methods import coerce_field, config_fields
     from slicekit.models import load_model
-    from slicekit.recover import RecoverConfig, recover
+    from slicekit.recover import recover
 
-    values = {f.name: getattr(args, f"m_{f.name}") for f in config_fields(RecoverConfig)
-              if getattr(args, f"m_{f.name}", None) is not None}
-    config = RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
+    config = _recover_config(args)
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SlicekitError(f"--out {args.out} exists and is not a directory")
     if config.teacher_text and not args.teacher:
@@ -654,7 +700,16 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                    help="write the output's weights in this dtype (default: the dtype computed in, --dtype)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the predicted peak memory and time of this compression, read no weights, and stop")
+    p.add_argument("--recover", action="store_true",
+                   help="after compressing, train back what was lost, distilled from the original model "
+                        "(as `slicekit recover --teacher MODEL`; settings: --recover-*), then evaluate and save")
+    p.add_argument("--recover-resume-dir", default=None,
+                   help="--recover: checkpoints of the recovery; rerunning the same command compresses again "
+                        "(deterministic) and resumes the recovery from the last one")
     _add_method_options(p, method or "slicegpt")
+    from slicekit.recover import RecoverConfig
+
+    _add_dataclass_options(p, RecoverConfig, "recovery settings (with --recover)", prefix="recover-", dest="r_")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="inference speed (prefill, decode) against a baseline, side by side")
