@@ -413,8 +413,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  f"(+{m.rss_added / 2**20:.0f} MiB)" + (f", CUDA peak {m.cuda_peak / 2**20:.0f} MiB" if m.cuda_peak else ""))
     if recovery is not None:
         lines.append(f"recovery: {recovery['tokens']:,} tokens of {recovery['data']} in "
-                     f"{recovery['train_seconds'] / 60:.1f} min ({recovery['mode']}, {recovery['loss']}), "
-                     f"loss {recovery['first_loss']:.4f} → {recovery['last_loss']:.4f}")
+                     f"{recovery['train_seconds'] / 60:.1f} min ({recovery['mode']}, {recovery['loss']})"
+                     + (f", loss {recovery['first_loss']:.4f} → {recovery['last_loss']:.4f}"
+                        if recovery.get("first_loss") is not None else ""))
     for row in ppl_rows:
         lines.append(f"perplexity {row['model']:>10}: {row['ppl']:.4f} ({row['windows']} × {row['seqlen']} tokens of {row['dataset']})")
     if args.out:
