@@ -115,6 +115,7 @@ def test_compress_recover_trains_evaluates_and_saves_what_it_reports(tiny_dir, d
     [
         (["info", "--model", "/no/such/dir"], "not found"),
         (["compress", "--model", "TINY", "--slicing", "0.25", "--recover-tokens", "128"], "add --recover"),
+        (["compress", "--model", "TINY", "--slicing", "0.25", "--recover-resume-dir", "R"], "add --recover"),
         (["compress", "--model", "TINY", "--slicing", "0.25", "--recover", "--recover-mode", "qlora"], "mode"),
         (["compress", "--model", "TINY", "--slicing", "0.25", "--recover", "--stream", "--out", "X"],
          "cannot train it"),

@@ -304,7 +304,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise SlicekitError("--stream never holds the whole model, so it cannot train it: compress with "
                                 "--stream --out DIR, then `slicekit recover --model DIR --teacher MODEL`")
         rec_config = _recover_config(args, "r_")
-    elif args.recover_resume_dir or any(k.startswith("r_") and v is not None for k, v in vars(args).items()):
+    elif args.recover_resume_dir or _recover_values(args, "r_"):
         raise SlicekitError("--recover-* options set recovery training: add --recover")
     from slicekit.validate import preflight
 
@@ -497,14 +497,22 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str, pr
             group.add_argument(flag, dest=f"{dest}{f.name}", default=None, metavar=base.__name__.upper(), help=text)
 
 
+def _recover_values(args: argparse.Namespace, dest: str) -> dict[str, Any]:
+    """The :class:`RecoverConfig` fields given on the command line (dest ``<dest><field>``)."""
+    from slicekit.methods import config_fields
+    from slicekit.recover import RecoverConfig
+
+    return {f.name: getattr(args, f"{dest}{f.name}") for f in config_fields(RecoverConfig)
+            if getattr(args, f"{dest}{f.name}", None) is not None}
+
+
 def _recover_config(args: argparse.Namespace, dest: str = "m_") -> Any:
     """The :class:`RecoverConfig` of the options given (validated on construction, before any
     weight is loaded)."""
-    from slicekit.methods import coerce_field, config_fields
+    from slicekit.methods import coerce_field
     from slicekit.recover import RecoverConfig
 
-    values = {f.name: getattr(args, f"{dest}{f.name}") for f in config_fields(RecoverConfig)
-              if getattr(args, f"{dest}{f.name}", None) is not None}
+    values = _recover_values(args, dest)
     return RecoverConfig(**{k: coerce_field(RecoverConfig, k, v) for k, v in values.items()})
 
 
