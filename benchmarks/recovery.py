@@ -191,6 +191,16 @@ def budget_seconds(rec: dict[str, Any]) -> float:
     return rec["train_seconds"] + rec.get("sample_seconds", 0.0)
 
 
+def ran_in(rows: dict[str, Any]) -> str:
+    """What precision the rows' recovery really ran in, where the note's setting does not say it.
+
+    Why: ``auto`` picks bf16 or float32 by the CPU, and a row resumed on another machine can differ,
+    so the note names what the reports recorded rather than what was asked for.
+    """
+    used = sorted({r["recovery"]["precision"] for r in rows.values() if isinstance(r, dict) and "recovery" in r})
+    return f" (ran in {' and '.join(used)})" if used else ""
+
+
 def gap_closed(before: float, after: float, dense: float) -> float:
     """Share of the perplexity gap to the dense model that recovery closed (1 = all of it)."""
     return 1 - (after / dense - 1) / (before / dense - 1)
@@ -253,8 +263,9 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
            "stream is rotated" if args.rec_hidden_distill else "")
         + f"), AdamW lr {rc.lr}, "
         f"{int(rc.warmup * 100)} % warm-up then cosine, {rc.tokens:,} tokens of {data_words(args, rc)} "
-        f"per row in batches of {rc.batch_size} × {rc.seqlen}, precision {args.rec_precision} "
-        "(bf16 autocast where the CPU multiplies bf16 natively), seed 42; the same for every row",
+        f"per row in batches of {rc.batch_size} × {rc.seqlen}, precision {args.rec_precision}"
+        + (" (bf16 autocast where the CPU multiplies bf16 natively)" if args.rec_precision == "auto" else "")
+        + f"{ran_in(rows)}, seed 42; the same for every row",
         f"calibration: {cal_desc}, batches of {args.cal_batch_size}; DISP trains its hypernetwork on "
         f"{args.disp_train_tokens:,} tokens of the same text (sequences of 128) at lr 1e-2",
         f"perplexity: first {n_windows} windows × {args.eval_seqlen} tokens of {eval_desc} and of {brown_desc}, "

@@ -266,6 +266,9 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
         assert r["before"]["params"] == r["after"]["params"]  # recovery keeps the compressed shape
         assert r["before"]["ppl"] != r["after"]["ppl"] and rows[m][col["recovery tokens"]] == 128
     assert raw["fasp@0.25"]["recovery"]["hidden_distill"] == 0.5
+    # the note says what recovery ran in, and explains autocast only where it was asked for
+    note = next(n for n in doc["notes"] if n.startswith("recovery: "))
+    assert "precision fp32 (ran in fp32), seed 42" in note and "autocast" not in note
     assert raw["slicegpt@0.25"]["recovery"]["hidden_distill"] == 0.0
     assert doc["title"].endswith("fasp and slicegpt before and after distillation on train.txt (#14)")
     assert doc["tables"][0]["columns"][8] == "after"  # Brown is in-domain only when recovery read Brown
