@@ -540,7 +540,7 @@ def test_recovery_on_teacher_text_distils_resumes_and_reads_the_text_back(tok, t
     straight = copy.deepcopy(start)
     ref = recover(straight, tok, _sampling_cfg(), teacher, progress=False, resume_dir=str(tmp_path / "a"))
     assert "sampled from the teacher" in ref.data and ref.sample_seconds > 0
-    assert ref.summary()["sample_seconds"] == round(ref.sample_seconds, 1)
+    assert ref.summary()["sample_seconds"] == round(ref.sample_seconds, 3) > 0
     assert ref.settings["sample_length"] == 40
     kl = [c["kl"] for c in ref.loss_curve]
     assert sum(kl[-2:]) / 2 < kl[0]

@@ -297,7 +297,8 @@ class RecoverReport:
                 "tokens_per_s": round(self.tokens_per_s, 1), "precision": self.precision,
                 "interrupted": self.interrupted}
         if self.settings.get("dataset") == TEACHER_TEXT:
-            out["sample_seconds"] = round(self.sample_seconds, 1)
+            # milliseconds: a short sampling run on a fast machine takes under 0.05 s and must not read as none
+            out["sample_seconds"] = round(self.sample_seconds, 3)
         if self.settings.get("train_embeddings"):
             out["train_embeddings"] = True  # the card says the token table (and a tied head) changed too
         return out
