@@ -127,9 +127,7 @@ def model_card(info: dict[str, Any]) -> str:
             lines += [f"- Original model's weights: {orig / 2**20:,.1f} MiB"]
     ppl = info.get("perplexity")
     if ppl:
-        lines += ["", "## Perplexity", "", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
-        for row in ppl:
-            lines.append(f"| {row['model']} | {row['dataset']} | {row['seqlen']} | {row['windows']} | {row['ppl']:.3f} |")
+        lines += ["", "## Perplexity", "", *_perplexity_table(ppl)]
     lines += _recovery_lines(info.get("recovery"))
     recipe = info.get("recipe")
     if recipe:
@@ -176,9 +174,15 @@ def _recovery_lines(rec: dict[str, Any] | None) -> list[str]:
         lines.append("- **The run was interrupted before its budget was spent.**")
     rows = rec.get("perplexity") or []
     if rows:
-        lines += ["", "| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['model']} | {r['dataset']} | {r['seqlen']} | {r['windows']} | {r['ppl']:.3f} |" for r in rows]
+        lines += ["", *_perplexity_table(rows)]
     return lines
+
+
+def _perplexity_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Perplexity rows (``PerplexityResult.as_dict()`` plus ``model``) as one markdown table, the
+    same in the card's perplexity and recovery sections."""
+    return ["| model | dataset | seqlen | windows | ppl |", "|---|---|---:|---:|---:|",
+            *(f"| {r['model']} | {r['dataset']} | {r['seqlen']} | {r['windows']} | {r['ppl']:.3f} |" for r in rows)]
 
 
 def _public_name(name: Any) -> Any:
