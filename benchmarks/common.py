@@ -293,24 +293,26 @@ def zs_of(row: dict[str, Any]) -> ZeroShotResult | None:
     return None if row.get("zeroshot") is None else ZeroShotResult.from_dict(row["zeroshot"])
 
 
-def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[str]) -> float | None:
+def above_chance(zs: ZeroShotResult | None, dense: ZeroShotResult, tasks: list[str],
+                 metric: str = "primary") -> float | None:
     """Mean above-chance retention (the library's) over the tasks where the dense model beats
     chance by two standard errors; None without zero-shot.  A task the dense model does not
-    measurably beat (WinoGrande) has no margin to retain, so it is left out and the notes name it."""
+    measurably beat (WinoGrande) has no margin to retain, so it is left out and the notes name it.
+    ``metric``: each task's primary metric (acc_norm where defined) or plain "acc"."""
     if zs is None:
         return None
-    scored = scored_tasks(dense, tasks)
-    return zs.above_chance_retention(dense, scored) if scored else None
+    scored = scored_tasks(dense, tasks, metric)
+    return zs.above_chance_retention(dense, scored, metric=metric) if scored else None
 
 
 def above_chance_interval(zs: ZeroShotResult | None, dense: ZeroShotResult,
-                          tasks: list[str]) -> tuple[float, float] | None:
+                          tasks: list[str], metric: str = "primary") -> tuple[float, float] | None:
     """The 95 % paired-bootstrap interval of :func:`above_chance` (None without zero-shot or
     without per-item outcomes, as in rows written before they were kept)."""
     if zs is None:
         return None
-    scored = scored_tasks(dense, tasks)
-    return zs.above_chance_interval(dense, scored) if scored else None
+    scored = scored_tasks(dense, tasks, metric)
+    return zs.above_chance_interval(dense, scored, metric=metric) if scored else None
 
 
 def interval_text(interval: tuple[float, float] | None) -> str | None:
@@ -318,13 +320,20 @@ def interval_text(interval: tuple[float, float] | None) -> str | None:
     return None if interval is None else f"{interval[0]:.2f}–{interval[1]:.2f}"
 
 
-def left_out_note(dense: ZeroShotResult | None, tasks: list[str]) -> str:
+#: what 'above-chance retained' means, in a result note's words (it is read in each task's primary
+#: metric; earlier notes wrote "(acc − chance)", which misnamed acc_norm)
+ABOVE_CHANCE_WORDS = ("'above-chance retained' = mean over tasks of (score − chance)/(dense − chance), score = "
+                      "acc_norm where lm-eval defines it (piqa, arc, hellaswag), else acc")
+
+
+def left_out_note(dense: ZeroShotResult | None, tasks: list[str], metric: str = "primary") -> str:
     """The suffix of a result note that names the tasks 'above-chance retained' leaves out (those
-    where the dense model does not beat chance by two standard errors); empty when none is."""
-    if dense is None or scored_tasks(dense, tasks) == tasks:
+    where the dense model does not beat chance by two standard errors in ``metric``); empty when
+    none is."""
+    if dense is None or scored_tasks(dense, tasks, metric) == tasks:
         return ""
     return (", over the tasks where the dense model beats chance by at least two standard errors (left out: "
-            f"{', '.join(t for t in tasks if t not in scored_tasks(dense, tasks))})")
+            f"{', '.join(t for t in tasks if t not in scored_tasks(dense, tasks, metric))})")
 
 
 def rounded(v: float | None, digits: int) -> float | None:
@@ -332,10 +341,11 @@ def rounded(v: float | None, digits: int) -> float | None:
     return None if v is None else round(v, digits)
 
 
-def scored_tasks(dense: ZeroShotResult, tasks: list[str]) -> list[str]:
-    """The tasks on which the dense model beats chance by at least two standard errors (the only
-    ones with a measurable margin: :meth:`slicekit.zeroshot.ZeroShotResult.margin_tasks`)."""
-    return dense.margin_tasks(tasks)
+def scored_tasks(dense: ZeroShotResult, tasks: list[str], metric: str = "primary") -> list[str]:
+    """The tasks on which the dense model beats chance by at least two standard errors in
+    ``metric`` (the only ones with a measurable margin:
+    :meth:`slicekit.zeroshot.ZeroShotResult.margin_tasks`)."""
+    return dense.margin_tasks(tasks, metric=metric)
 
 
 # ---------------------------------------------------------------- results

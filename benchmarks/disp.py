@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    ABOVE_CHANCE_WORDS,
     TASKS,
     above_chance,
     benchmark_parser,
@@ -175,8 +176,7 @@ def build_document(rows: dict[str, dict[str, Any]], args: argparse.Namespace, co
         f"perplexity: first {n_windows} windows × {args.eval_seqlen} tokens of {eval_desc}, token-level, the same "
         "windows for every row",
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task "
-        f"from the local files (batch size {args.zs_batch_size}); 'above-chance retained' = mean over tasks of "
-        "(acc − chance)/(dense − chance)"
+        f"from the local files (batch size {args.zs_batch_size}); " + ABOVE_CHANCE_WORDS
         + left_out_note(zd, tasks),
         "target = share of decoder parameters removed, met by every method against the one counter (SliceGPT: "
         "the constant width, a multiple of 8, whose real count with its shortcut matrices is closest); decoder "

@@ -12,7 +12,8 @@ then the same evaluation:
   (the windows of ``quality.py``);
 * zero-shot accuracy through :func:`slicekit.zeroshot.evaluate_tasks` (lm-eval, local task files)
   on the first ``--limit`` items of each task, and the mean over tasks of the share of the dense
-  model's margin over chance that survives, ``(acc − chance)/(dense − chance)``;
+  model's margin over chance that survives, ``(score − chance)/(dense − chance)`` (score: acc_norm
+  where lm-eval defines it, else acc);
 * compression wall time and memory: ``pipeline.compress``'s measurement (process RSS sampled
   every 5 ms; peak, and peak minus the RSS just before), calibration sampling excluded.
 
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 
 from common import (
+    ABOVE_CHANCE_WORDS,
     TASKS,
     above_chance,
     benchmark_parser,
@@ -274,7 +276,7 @@ def build_document(rows: dict[str, dict[str, Any]], extra: dict[str, Any], args,
         f"zero-shot: lm-eval {dense['zeroshot']['lm_eval_version'] if dense else '?'} through "
         f"slicekit.zeroshot.evaluate_tasks, 0-shot, first {args.limit} items of each task from the local files "
         f"(batch size {args.zs_batch_size}); metric acc_norm for piqa/arc_easy/hellaswag, acc for winogrande; "
-        "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
+        + ABOVE_CHANCE_WORDS
         + left_out_note(zd, tasks) + ". With "
         f"{args.limit} items a task's accuracy has a standard error of about "
         f"{100 * math.sqrt(0.25 / args.limit):.1f} points: differences of a few points are noise",

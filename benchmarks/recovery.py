@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    ABOVE_CHANCE_WORDS,
     TASKS,
     VARIANTS,
     above_chance,
@@ -220,11 +221,11 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         cols = ["method", "target", "removed (real)", "total params", "WikiText-2 ppl before", "after", "gap closed",
                 "Brown ppl before", "after (in-domain)" if args.rec_dataset == "brown" else "after",
                 "zero-shot mean before", "after",
-                "above-chance retained before", "after", "after, 95 % interval", "recovery tokens", "recovery min",
-                "tokens/s"]
+                "above-chance retained before", "after", "after, 95 % interval", "after, plain acc",
+                "recovery tokens", "recovery min", "tokens/s"]
         body = [["dense", 0, 0, dense["params"]["total"], rounded(dense["ppl"], 2), None, None,
                  rounded(dense["brown_ppl"], 2), None, rounded(zd.average(tasks), 4), None, None, None, None, None,
-                 None, None]]
+                 None, None, None]]
         for s in shares:
             for label in labels:
                 r = rows.get(f"{label}@{s:g}")
@@ -237,7 +238,8 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
                              rounded(b["brown_ppl"], 2), rounded(a["brown_ppl"], 2),
                              rounded(zb.average(tasks), 4) if zb else None, rounded(za.average(tasks), 4) if za else None,
                              rounded(above_chance(zb, zd, tasks), 3), rounded(above_chance(za, zd, tasks), 3),
-                             interval_text(above_chance_interval(za, zd, tasks)), rec["tokens"], rounded(budget_seconds(rec) / 60, 1), rounded(rec["tokens_per_s"], 1)])
+                             interval_text(above_chance_interval(za, zd, tasks)),
+                             rounded(above_chance(za, zd, tasks, "acc"), 3), rec["tokens"], rounded(budget_seconds(rec) / 60, 1), rounded(rec["tokens_per_s"], 1)])
         tables.append({"title": f"SmolLM2-135M before and after recovery: WikiText-2 test ppl ({n_windows} × "
                                 f"{args.eval_seqlen} tokens), Brown test ppl, zero-shot (first {args.limit} items per task)",
                        "columns": cols, "rows": body})
@@ -271,8 +273,8 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         f"perplexity: first {n_windows} windows × {args.eval_seqlen} tokens of {eval_desc} and of {brown_desc}, "
         "token-level, the same windows for every row",
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task; "
-        "'above-chance retained' = mean over tasks of (acc − chance)/(dense − chance)"
-        + left_out_note(zd, tasks) + "; its 95 % interval is a paired bootstrap over the items (2,000 draws: "
+        + ABOVE_CHANCE_WORDS + left_out_note(zd, tasks) + "; 'plain acc' is the same measure in acc on every "
+        "task (the form issue #14's bar is written in)" + left_out_note(zd, tasks, "acc") + "; its 95 % interval is a paired bootstrap over the items (2,000 draws: "
         "both models scored on the same resampled items, tasks resampled independently; "
         "ZeroShotResult.above_chance_interval), empty for rows saved before per-item outcomes were kept",
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "
@@ -320,6 +322,8 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
         closed = gap_closed(r["before"]["ppl"], r["after"]["ppl"], dense["ppl"])
         kept = above_chance(zs_of(r["after"]), zd, tasks)
         interval = above_chance_interval(zs_of(r["after"]), zd, tasks)
+        kept_acc = above_chance(zs_of(r["after"]), zd, tasks, "acc")
+        interval_acc = above_chance_interval(zs_of(r["after"]), zd, tasks, "acc")
         out.append(f"at {100 * s:g} % removed the best row after recovery is {best}: WikiText-2 ppl "
                    f"{r['before']['ppl']:.2f} → {r['after']['ppl']:.2f} (dense {dense['ppl']:.2f}), "
                    f"{100 * closed:.1f} % of the gap closed ({'≥' if closed >= 0.5 else '<'} 50 %), above-chance "
@@ -329,7 +333,9 @@ def observations(rows, shares, labels, dense, zd, tasks) -> list[str]:
                       + ("which lies wholly above 0.75" if interval[0] >= 0.75 else
                          "which lies wholly below 0.75" if interval[1] < 0.75 else "which contains 0.75")
                       if interval else "")
-                   + f"), in {budget_seconds(r['recovery']) / 60:.1f} min of recovery")
+                   + ")" + (f"; in plain acc on every task {kept_acc:.3f}" if kept_acc is not None else "")
+                   + (f" (interval {interval_acc[0]:.2f} to {interval_acc[1]:.2f})" if interval_acc else "")
+                   + f"; in {budget_seconds(r['recovery']) / 60:.1f} min of recovery")
     return out
 
 

@@ -330,3 +330,71 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     doc = _check_schema(tmp_path / "fresh.json")
     assert "taken_from" not in doc["raw"]["rows"]["fasp@0.25"]["before"]
     assert not any("--before-from" in n for n in doc["notes"])
+
+
+def _zs_file(path: Path, tasks: dict[str, tuple[str, str | None]], limit: int | None = None) -> None:
+    """A saved ``slicekit eval`` result: ``tasks`` maps a name to (primary outcomes, plain-acc
+    outcomes or None where the primary metric is acc)."""
+    from slicekit.zeroshot import TaskScore, ZeroShotResult, primary_metric
+
+    scores = {}
+    for name, (primary, acc) in tasks.items():
+        p = primary.count("1") / len(primary)
+        a = (acc or primary).count("1") / len(primary)
+        norm = primary_metric(name) == "acc_norm"
+        scores[name] = TaskScore(task=name, acc=a, acc_stderr=None, acc_norm=p if norm else None,
+                                 acc_norm_stderr=None, items=len(primary), chance=0.25 if "arc" in name else 0.5,
+                                 metric="acc_norm" if norm else "acc", source="local", exact=True,
+                                 outcomes=primary, acc_outcomes=acc if norm else None)
+    path.write_text(json.dumps(ZeroShotResult(scores=scores, lm_eval_version="0.4", num_fewshot=0, limit=limit,
+                                              seed=1234, batch_size=8, seconds=60.0).as_dict()))
+
+
+def test_zeroshot_sets_joins_files_and_reports_both_readings(tmp_path):
+    """Results of several eval runs join into one; retention is (model − chance)/(dense − chance)
+    averaged over the tasks the dense model measurably beats, in acc_norm and in plain acc; the
+    first-N rows recompute both from the per-item outcomes; mismatched inputs are refused."""
+    n = 400
+    dense_piqa_norm, dense_piqa_acc = "1" * 300 + "0" * 100, "1" * 280 + "0" * 120  # 0.75, 0.70
+    model_piqa_norm, model_piqa_acc = "1" * 250 + "0" * 150, "0" * 40 + "1" * 220 + "0" * 140  # 0.625, 0.55
+    dense_arc_norm, dense_arc_acc = "1" * 200 + "0" * 200, "1" * 220 + "0" * 180  # 0.5, 0.55
+    model_arc_norm, model_arc_acc = "1" * 160 + "0" * 240, "1" * 190 + "0" * 210  # 0.4, 0.475
+    dense_wino, model_wino = "10" * (n // 2), "1" * n  # the dense model sits at chance: left out
+    _zs_file(tmp_path / "d1.json", {"piqa": (dense_piqa_norm, dense_piqa_acc), "winogrande": (dense_wino, None)})
+    _zs_file(tmp_path / "d2.json", {"arc_easy": (dense_arc_norm, dense_arc_acc)}, limit=n)
+    _zs_file(tmp_path / "m1.json", {"piqa": (model_piqa_norm, model_piqa_acc), "winogrande": (model_wino, None)})
+    _zs_file(tmp_path / "m2.json", {"arc_easy": (model_arc_norm, model_arc_acc)}, limit=n)
+    out = tmp_path / "sets.json"
+    base = ["--dense", str(tmp_path / "d1.json"), str(tmp_path / "d2.json"), "--model", str(tmp_path / "m1.json"),
+            str(tmp_path / "m2.json"), "--label", "toy"]
+    proc = _run("zeroshot_sets", *base, "--prefix-items", "100", "--eval-command", "slicekit eval x",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _check_schema(out)
+    assert doc["command"].startswith("slicekit eval x && python benchmarks/zeroshot_sets.py --dense")
+    per_task = {r[0]: r for r in doc["tables"][0]["rows"]}
+    assert set(per_task) == {"piqa", "winogrande", "arc_easy"} and per_task["winogrande"][7] == 0.0
+    rows = {(r[1].startswith("first"), r[2].startswith("plain")): r for r in doc["tables"][1]["rows"]}
+    primary = ((0.625 - 0.5) / (0.75 - 0.5) + (0.4 - 0.25) / (0.5 - 0.25)) / 2
+    acc = ((0.55 - 0.5) / (0.70 - 0.5) + (0.475 - 0.25) / (0.55 - 0.25)) / 2
+    assert rows[False, False][4] == pytest.approx(primary, abs=1e-4)
+    assert rows[False, True][4] == pytest.approx(acc, abs=1e-4)
+    assert rows[False, False][3] == rows[False, True][3] == "piqa, arc_easy"
+    lo, hi = (float(x) for x in rows[False, True][5].split("–"))
+    assert lo < acc < hi and hi - lo < 1
+    # the first 100 items: dense piqa and arc are all right there, the model's first 40 piqa acc wrong
+    first_acc = ((0.6 - 0.5) / (1 - 0.5) + (1 - 0.25) / (1 - 0.25)) / 2
+    assert rows[True, True][4] == pytest.approx(first_acc, abs=1e-4) and rows[True, True][1] == "first 100 of each"
+    assert rows[True, False][4] == pytest.approx(1.0, abs=1e-4)
+    assert any("left out (primary: winogrande; acc: winogrande)" in note for note in doc["notes"])
+
+    # one model file short of a task, a task in two files, more prefix items than a task has
+    bad = _run("zeroshot_sets", "--dense", str(tmp_path / "d1.json"), str(tmp_path / "d2.json"),
+               "--model", str(tmp_path / "m1.json"), "--label", "toy", "--out", str(tmp_path / "bad.json"))
+    assert bad.returncode != 0 and "the dense files hold arc_easy, piqa, winogrande" in bad.stderr
+    twice = _run("zeroshot_sets", "--dense", str(tmp_path / "d1.json"), str(tmp_path / "d1.json"),
+                 "--model", str(tmp_path / "m1.json"), "--label", "toy", "--out", str(tmp_path / "bad.json"))
+    assert twice.returncode != 0 and "appear in more than one" in twice.stderr
+    long = _run("zeroshot_sets", *base, "--prefix-items", "500", "--out", str(tmp_path / "bad.json"))
+    assert long.returncode != 0 and "fewer than --prefix-items 500" in long.stderr
+    assert not (tmp_path / "bad.json").exists()

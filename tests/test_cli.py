@@ -63,6 +63,12 @@ def test_eval_tasks_dense_json_retention_and_interval(tiny_dir, data_dir, tmp_pa
     assert "winogrande" in res["above_chance_tasks"]
     lo, hi = res["above_chance_retention_interval95"]
     assert lo <= res["above_chance_retention"] <= hi
+    # the same in plain acc (arc_easy's primary metric is acc_norm); winogrande is acc either way
+    assert "winogrande" in res["above_chance_tasks_acc"]
+    kept = {t: s for t, s in res["scores"].items() if t in res["above_chance_tasks_acc"]}
+    dense_scores = saved["scores"]
+    expected = sum((s["acc"] - s["chance"]) / (dense_scores[t]["acc"] - s["chance"]) for t, s in kept.items()) / len(kept)
+    assert res["above_chance_retention_acc"] == pytest.approx(expected)
     dense_json.write_text("{not json")
     rc, out, err = run_cli("eval", "--model", str(tiny_dir), "--tasks", "winogrande", "--limit", "6",
                            "--dense-json", str(dense_json), "--quiet")

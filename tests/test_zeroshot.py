@@ -214,6 +214,12 @@ def test_tiny_model_results_well_formed_and_deterministic(tiny_lm, data_dir, cap
         assert s.outcomes == "".join(str(int(x[s.metric])) for x in by_doc)
         assert s.outcome_array().mean() == pytest.approx(s.score)
         assert second.scores.get(name) is None or second.scores[name].outcomes == s.outcomes
+        # plain acc's outcomes too where the primary metric is acc_norm (the bar's form of retention)
+        assert s.outcome_array("acc").mean() == pytest.approx(s.acc)
+        if s.metric == "acc_norm":
+            assert s.acc_outcomes == "".join(str(int(x["acc"])) for x in by_doc)
+        else:
+            assert s.acc_outcomes is None
         if name != "lambada_openai":  # … and per item, acc = (argmax of the choice log-likelihoods == gold)
             for x in samples:
                 lls = [r[0] for r in x["filtered_resps"]]
@@ -358,6 +364,40 @@ def test_default_above_chance_retention_leaves_out_tasks_the_dense_model_does_no
         small.above_chance_retention(flat)
     table = small.format_table(dense)
     assert "above-chance retention 0.5000 (left out, dense within 2 standard errors of chance: winogrande)" in table
+
+
+def test_above_chance_retention_in_plain_acc():
+    """Issue #14's bar writes the measure in acc; the default reads each task's primary metric
+    (acc_norm on PIQA/ARC/HellaSwag).  ``metric="acc"`` reads plain acc everywhere — margins,
+    task selection and the paired interval included — and the two can disagree."""
+    dense = _result({"piqa": (0.65, 0.66, 0.5), "arc_easy": (0.50, 0.47, 0.25), "winogrande": (0.60, None, 0.5)})
+    small = _result({"piqa": (0.62, 0.59, 0.5), "arc_easy": (0.45, 0.40, 0.25), "winogrande": (0.55, None, 0.5)})
+    primary = (0.09 / 0.16 + 0.15 / 0.22 + 0.05 / 0.1) / 3
+    plain = (0.12 / 0.15 + 0.20 / 0.25 + 0.05 / 0.1) / 3
+    assert small.above_chance_retention(dense) == pytest.approx(primary)
+    assert small.above_chance_retention(dense, metric="acc") == pytest.approx(plain)
+    assert small.above_chance_retention(dense, metric="primary") == pytest.approx(primary)
+    assert small.scores["piqa"].value("acc") == 0.62 and small.scores["piqa"].value() == 0.59
+    assert small.scores["winogrande"].value("acc") == small.scores["winogrande"].value() == 0.55
+    # task selection follows the metric: acc_norm at chance, acc measurably above it
+    edge = _result({"piqa": (0.60, 0.505, 0.5)})
+    assert edge.margin_tasks() == [] and edge.margin_tasks(metric="acc") == ["piqa"]
+    assert _result({"piqa": (0.55, 0.55, 0.5)}).above_chance_tasks(edge, "acc") == ["piqa"]
+    with pytest.raises(SlicekitError, match="unknown retention metric 'acc_norm'"):
+        small.above_chance_retention(dense, metric="acc_norm")
+    # the paired interval reads acc's own outcomes; without them there is none
+    assert small.above_chance_interval(dense, metric="acc") is None
+    for res, right in ((dense, 80), (small, 60)):
+        res.scores = {"piqa": res.scores["piqa"]}
+        res.scores["piqa"].outcomes = "1" * 70 + "0" * 30  # acc_norm's
+        res.scores["piqa"].acc_outcomes = "1" * right + "0" * (100 - right)
+    assert small.above_chance_interval(dense) == (1.0, 1.0)  # identical acc_norm answers
+    lo, hi = small.above_chance_interval(dense, metric="acc")
+    assert 0 < lo < 1 / 3 < hi < 1.0  # 60 of dense's 80 right answers kept: (0.6 − 0.5)/(0.8 − 0.5) = 1/3
+    table = small.format_table(dense)
+    assert "above-chance retention in plain acc on every task" in table
+    restored = ZeroShotResult.from_dict(json.loads(json.dumps(small.as_dict())))
+    assert restored.scores["piqa"].acc_outcomes == small.scores["piqa"].acc_outcomes
 
 
 def _paired(dense_items: str, mine_items: str, chance: float = 0.5) -> tuple[ZeroShotResult, ZeroShotResult]:

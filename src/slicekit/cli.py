@@ -248,6 +248,13 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         out["above_chance_retention"] = res.above_chance_retention(dense, kept) if kept else None
         interval = res.above_chance_interval(dense, kept) if kept else None
         out["above_chance_retention_interval95"] = list(interval) if interval else None
+        # the same measure in plain acc on every task (how issue #14's bar writes it)
+        kept_acc = res.above_chance_tasks(dense, "acc")
+        out["above_chance_tasks_acc"] = kept_acc
+        out["above_chance_retention_acc"] = (res.above_chance_retention(dense, kept_acc, metric="acc")
+                                             if kept_acc else None)
+        interval = res.above_chance_interval(dense, kept_acc, metric="acc") if kept_acc else None
+        out["above_chance_retention_acc_interval95"] = list(interval) if interval else None
     if args.save_json:
         _write_json_atomic(args.save_json, out)
     _out(out, args.json, res.format_table(dense=dense))

@@ -20,6 +20,11 @@ Which metric a task contributes to averages: ``acc_norm`` where the task defines
 HellaSwag), ``acc`` otherwise (WinoGrande, LAMBADA, BoolQ) — the rule of the SliceGPT reference
 evaluation (``result.get("acc_norm,none", result["acc,none"])``), which QuaRot and later slicing
 papers inherit.
+
+Above-chance retention can be read in either metric: ``metric="primary"`` (the rule above, the
+default) or ``metric="acc"`` (plain accuracy on every task, the form in which issue #14 writes its
+bar).  The two differ on a small model: length normalisation changes which answers win, and the
+dense model's margin over chance differs between them, so both are reported side by side.
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ BOOTSTRAP_ITERS = 1000
 #: a task counts in the default above-chance retention when the dense model beats chance by this
 #: many standard errors (ZeroShotResult.margin_tasks says why)
 MARGIN_Z = 2.0
+#: the metrics above-chance retention can be read in: each task's primary metric, or plain acc
+RETENTION_METRICS = ("primary", "acc")
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in RETENTION_METRICS:
+        raise SlicekitError(f"unknown retention metric {metric!r}: use one of {', '.join(RETENTION_METRICS)}")
+    return metric
 
 # ----------------------------------------------------------------------------- task definitions
 
@@ -524,6 +537,9 @@ class TaskScore:
     #: results written before it was kept).  Two results on the same items can then be compared
     #: item by item: a paired comparison is far tighter than two independent standard errors.
     outcomes: str | None = None
+    #: plain acc's per-item outcomes where the primary metric is acc_norm (None where it is acc:
+    #: :attr:`outcomes` holds them then; None too in results written before they were kept)
+    acc_outcomes: str | None = None
 
     @property
     def score(self) -> float:
@@ -531,29 +547,42 @@ class TaskScore:
         assert value is not None
         return value
 
+    def _uses_acc(self, metric: str) -> bool:
+        """Whether ``metric`` ("primary" or "acc") reads plain acc on this task."""
+        return _check_metric(metric) == "acc" or self.metric != "acc_norm"
+
+    def value(self, metric: str = "primary") -> float:
+        """The score in ``metric``: "primary" is :attr:`score`, "acc" plain accuracy."""
+        return self.acc if self._uses_acc(metric) else self.score
+
     @property
     def stderr(self) -> float:
         """Standard error of :attr:`score`: lm-eval's where it reported one, else the binomial
         ``sqrt(p(1 − p)/items)`` it would have reported."""
-        value = self.acc_norm_stderr if self.metric == "acc_norm" else self.acc_stderr
+        return self.stderr_of("primary")
+
+    def stderr_of(self, metric: str = "primary") -> float:
+        """Standard error of :meth:`value` in ``metric`` (binomial where lm-eval gave none)."""
+        value = self.acc_stderr if self._uses_acc(metric) else self.acc_norm_stderr
         if value is not None:
             return value
-        p = self.score
+        p = self.value(metric)
         return math.sqrt(max(p * (1 - p), 0.0) / max(self.items, 1))
 
-    def margin_z(self) -> float:
-        """How many standard errors the score sits above chance (negative below it)."""
-        margin = self.score - self.chance
-        se = self.stderr
+    def margin_z(self, metric: str = "primary") -> float:
+        """How many standard errors the score in ``metric`` sits above chance (negative below it)."""
+        margin = self.value(metric) - self.chance
+        se = self.stderr_of(metric)
         if se <= 0:
             return math.inf if margin > 0 else (-math.inf if margin < 0 else 0.0)
         return margin / se
 
-    def outcome_array(self) -> np.ndarray | None:
-        """:attr:`outcomes` as a 0/1 array (None when they were not kept)."""
-        if self.outcomes is None:
+    def outcome_array(self, metric: str = "primary") -> np.ndarray | None:
+        """The per-item 0/1 outcomes in ``metric`` as an array (None when they were not kept)."""
+        text = self.acc_outcomes if self.metric == "acc_norm" and self._uses_acc(metric) else self.outcomes
+        if text is None:
             return None
-        return np.frombuffer(self.outcomes.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
 @dataclass
@@ -597,32 +626,34 @@ class ZeroShotResult:
             raise SlicekitError("the dense model scores 0 on these tasks; retention is undefined")
         return self.average(names) / base
 
-    def margin_tasks(self, tasks: list[str] | None = None, z: float = MARGIN_Z) -> list[str]:
+    def margin_tasks(self, tasks: list[str] | None = None, z: float = MARGIN_Z, metric: str = "primary") -> list[str]:
         """The tasks (of ``tasks``, default all) on which this model — the dense reference — beats
-        chance by at least ``z`` standard errors.
+        chance by at least ``z`` standard errors in ``metric``.
 
         Why: above-chance retention divides by the dense model's margin.  A small model sits at
         chance on some tasks (SmolLM2-135M on WinoGrande: 0.515 on 200 items, half a standard
         error above 0.5); there the margin is noise, and one lucky item moves the ratio by whole
         units.  Such a task has no margin to retain, so the default average leaves it out."""
-        return [n for n in self._tasks(tasks) if self.scores[n].margin_z() >= z]
+        return [n for n in self._tasks(tasks) if self.scores[n].margin_z(metric) >= z]
 
-    def above_chance_tasks(self, dense: ZeroShotResult) -> list[str]:
+    def above_chance_tasks(self, dense: ZeroShotResult, metric: str = "primary") -> list[str]:
         """This result's tasks that the default above-chance retention against ``dense`` averages:
         those with a measurable dense margin (:meth:`margin_tasks`).  Every task must be in
         ``dense`` with the same item count, as for the other comparisons."""
-        return dense.margin_tasks(self._tasks(None, dense))
+        return dense.margin_tasks(self._tasks(None, dense), metric=metric)
 
-    def above_chance_retention(self, dense: ZeroShotResult, tasks: list[str] | None = None) -> float:
+    def above_chance_retention(self, dense: ZeroShotResult, tasks: list[str] | None = None,
+                               metric: str = "primary") -> float:
         """Mean over tasks of (score − chance) / (dense − chance): what fraction of the dense
         model's margin over guessing survives.  Plain retention flatters a model that collapsed
         to chance (50 % of a 2-way task's 70 % "retains" 71 %); this measure gives it 0.
 
         ``tasks`` default: this result's tasks on which the dense model's margin is measurable
         (:meth:`margin_tasks`, ≥ 2 standard errors); named tasks are used as given, and one where
-        the dense model is at or below chance is refused."""
+        the dense model is at or below chance is refused.  ``metric``: each task's primary metric
+        (acc_norm where defined) or plain "acc" (see the module docstring)."""
         if tasks is None:
-            tasks = self.above_chance_tasks(dense)
+            tasks = self.above_chance_tasks(dense, metric)
             if not tasks:
                 raise SlicekitError(f"the dense model beats chance by {MARGIN_Z:g} standard errors on none of these "
                                     "tasks; above-chance retention is undefined (use more items: --limit)")
@@ -630,15 +661,15 @@ class ZeroShotResult:
         ratios = []
         for n in names:
             mine, ref = self.scores[n], dense.scores[n]
-            margin = ref.score - ref.chance
+            margin = ref.value(metric) - ref.chance
             if margin <= 0:
-                raise SlicekitError(f"the dense model is at or below chance on {n} ({ref.score:.3f} ≤ {ref.chance:.3f}); "
-                                    "above-chance retention is undefined there: leave the task out")
-            ratios.append((mine.score - mine.chance) / margin)
+                raise SlicekitError(f"the dense model is at or below chance on {n} ({ref.value(metric):.3f} ≤ "
+                                    f"{ref.chance:.3f}); above-chance retention is undefined there: leave the task out")
+            ratios.append((mine.value(metric) - mine.chance) / margin)
         return sum(ratios) / len(ratios)
 
     def above_chance_interval(self, dense: ZeroShotResult, tasks: list[str] | None = None, level: float = 0.95,
-                              iters: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+                              iters: int = 2000, seed: int = 0, metric: str = "primary") -> tuple[float, float] | None:
         """A ``level`` paired-bootstrap percentile interval for :meth:`above_chance_retention`.
 
         Why: the measure divides by the dense model's margin over chance, which on a small model
@@ -651,19 +682,19 @@ class ZeroShotResult:
         A draw in which the dense model's margin vanishes makes that task's ratio unbounded: it
         counts as ±infinity (the sign of this model's margin), and a bound that lands there is
         reported as such rather than dropped (a draw with opposite infinities is left out).
-        Returns None when either result lacks per-item outcomes (results saved before they were
-        kept)."""
+        Returns None when either result lacks per-item outcomes in ``metric`` (results saved before
+        they were kept)."""
         if not 0 < level < 1:
             raise SlicekitError(f"interval level must be between 0 and 1 (got {level})")
         if tasks is None:
-            tasks = self.above_chance_tasks(dense)
+            tasks = self.above_chance_tasks(dense, metric)
             if not tasks:
                 return None
         names = self._tasks(tasks, dense)
         rng = np.random.default_rng(seed)
         total = np.zeros(iters)
         for n in names:
-            mine, ref = self.scores[n].outcome_array(), dense.scores[n].outcome_array()
+            mine, ref = self.scores[n].outcome_array(metric), dense.scores[n].outcome_array(metric)
             if mine is None or ref is None:
                 return None
             if mine.shape != ref.shape or mine.size == 0:
@@ -734,6 +765,14 @@ class ZeroShotResult:
                          + (f" (95 % paired-bootstrap interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else "")
                          + (f" (left out, dense within {MARGIN_Z:g} standard errors of chance: {', '.join(left)})"
                             if kept and left else ""))
+            if any(s.metric == "acc_norm" for s in self.scores.values()):
+                kept = self.above_chance_tasks(dense, "acc")
+                interval = self.above_chance_interval(dense, kept, metric="acc") if kept else None
+                lines.append("above-chance retention in plain acc on every task "
+                             + (f"{self.above_chance_retention(dense, kept, metric='acc'):.4f}" if kept else "undefined")
+                             + (f" (95 % paired-bootstrap interval {interval[0]:.3f} to {interval[1]:.3f})"
+                                if interval else "")
+                             + (f" over {', '.join(kept)}" if kept else ""))
         lines.append(f"lm-eval {self.lm_eval_version}, {self.num_fewshot}-shot, limit {self.limit}, seed {self.seed}, "
                      f"{self.seconds:.0f} s")
         return "\n".join(lines)
@@ -857,6 +896,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], limit: i
             metric=primary_metric(n), source=sources[n][0], exact=sources[n][0] == "hub" or TASKS[n].exact,
             version=out.get("versions", {}).get(n), extra=extra,
             outcomes=_outcomes(samples.get(n, []), primary_metric(n), n_items),
+            acc_outcomes=(_outcomes(samples.get(n, []), "acc", n_items) if primary_metric(n) == "acc_norm" else None),
         )
     return ZeroShotResult(scores=scores, lm_eval_version=_lm_eval_version(), num_fewshot=num_fewshot, limit=limit,
                           seed=seed, batch_size=batch_size, seconds=seconds,
