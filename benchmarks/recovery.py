@@ -55,6 +55,7 @@ from common import (
     resume,
     rounded,
     same_settings,
+    scored_tasks,
     scrub,
     setup,
     write_result,
@@ -274,7 +275,10 @@ def build_document(rows: dict[str, Any], args: argparse.Namespace, command: str,
         "token-level, the same windows for every row",
         f"zero-shot: slicekit.zeroshot.evaluate_tasks (lm-eval), 0-shot, first {args.limit} items of each task; "
         + ABOVE_CHANCE_WORDS + left_out_note(zd, tasks) + "; 'plain acc' is the same measure in acc on every "
-        "task (the form issue #14's bar is written in)" + left_out_note(zd, tasks, "acc") + "; its 95 % interval is a paired bootstrap over the items (2,000 draws: "
+        "task (the form issue #14's bar is written in)"
+        + (", over the same tasks" if zd is not None and scored_tasks(zd, tasks, "acc") == scored_tasks(zd, tasks)
+           else left_out_note(zd, tasks, "acc"))
+        + "; its 95 % interval is a paired bootstrap over the items (2,000 draws: "
         "both models scored on the same resampled items, tasks resampled independently; "
         "ZeroShotResult.above_chance_interval), empty for rows saved before per-item outcomes were kept",
         "gap closed = 1 − (after/dense − 1)/(before/dense − 1) on WikiText-2; recovery min is the training loop's "

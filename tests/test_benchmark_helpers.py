@@ -269,6 +269,11 @@ def test_recovery_benchmark_runs_on_a_tiny_model(tiny_dir, eval_text, tmp_path):
     # the note says what recovery ran in, and explains autocast only where it was asked for
     note = next(n for n in doc["notes"] if n.startswith("recovery: "))
     assert "precision fp32 (ran in fp32), seed 42" in note and "autocast" not in note
+    # the plain-acc column reads the same tasks here (none: the random model is at chance), said once
+    zs_note = next(n for n in doc["notes"] if n.startswith("zero-shot: "))
+    assert "'plain acc' is the same measure in acc on every task (the form issue #14's bar is written in), " \
+           "over the same tasks; its 95 % interval" in zs_note
+    assert rows["fasp"][len(doc["tables"][0]["columns"]) - 4] is None  # 'after, plain acc': no margin, no value
     assert raw["slicegpt@0.25"]["recovery"]["hidden_distill"] == 0.0
     assert doc["title"].endswith("fasp and slicegpt before and after distillation on train.txt (#14)")
     assert doc["tables"][0]["columns"][8] == "after"  # Brown is in-domain only when recovery read Brown
